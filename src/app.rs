@@ -1,0 +1,180 @@
+//! Wiring: the shared [`AppState`], the router with its layers, and [`App::run`], which serves
+//! until the shutdown token is cancelled and then waits for streams and loops to finish.
+//! The caller owns the listener (bound by [`App::build`], port 0 in tests) and the stop signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::response::IntoResponse;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceBuilder;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::events::hub::Hub;
+use crate::events::stream::StreamSlots;
+use crate::store::Store;
+use crate::{agents, background, events, messages, ops};
+
+/// What every handler and loop shares; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub broker: Broker,
+    pub hub: Arc<Hub>,
+    pub stream_slots: Arc<StreamSlots>,
+    /// Cancelled when the service stops: loops and streams select on it.
+    pub shutdown: CancellationToken,
+    /// Streams and loops hold a token of it, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// A bound, ready-to-run service.
+pub struct App {
+    state: AppState,
+    listener: TcpListener,
+}
+
+impl App {
+    /// Opens the store (applying migrations), creates the broker and binds the listener.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<App> {
+        let store = Store::open(config.sqlite_path()).await?;
+        let broker = match &config.redis_url {
+            Some(url) => Broker::redis(url, &config.key_prefix)?,
+            None => Broker::memory(),
+        };
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(|e| Error::Internal(format!("cannot listen on {}: {e}", config.bind)))?;
+        let state = AppState {
+            config: Arc::new(config),
+            store,
+            broker,
+            hub: Hub::new(),
+            stream_slots: Arc::default(),
+            shutdown,
+            tracker: TaskTracker::new(),
+        };
+        Ok(App { state, listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until the shutdown token is cancelled: in-flight requests finish, streams close
+    /// with 1012, loops stop at a safe point, queued events are flushed to the broker.
+    pub async fn run(self) -> Result<()> {
+        let App { state, listener } = self;
+        let shutdown = state.shutdown.clone();
+        let tracker = state.tracker.clone();
+        {
+            let (s, b) = (state.clone(), state.broker.clone());
+            tracker
+                .spawn(async move { b.run_subscription(s.hub.clone(), s.shutdown.clone()).await });
+            let (b, token) = (state.broker.clone(), shutdown.clone());
+            tracker.spawn(async move { b.run_publisher(token).await });
+            let s = state.clone();
+            tracker.spawn(async move { background::run(s).await });
+        }
+        tracing::info!(addr = %listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?,
+                       broker = state.broker.name(), auth = state.config.auth_enabled(), "ltmc serving");
+        let router = router(state.clone());
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .map_err(|e| Error::Internal(format!("server: {e}")))?;
+        tracker.close();
+        tracker.wait().await;
+        state.store.close().await;
+        tracing::info!("ltmc stopped");
+        Ok(())
+    }
+}
+
+/// Request ids: a per-process random prefix and a counter (unique, cheap, sortable in logs).
+#[derive(Clone)]
+struct RequestIds {
+    prefix: Arc<str>,
+    next: Arc<AtomicU64>,
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// The whole HTTP surface with its layers.
+pub fn router(state: AppState) -> Router {
+    let ids = RequestIds {
+        prefix: crate::common::random_hex(4).into(),
+        next: Arc::default(),
+    };
+    let timeout = Duration::from_secs(state.config.limits.request_timeout_s.into());
+    let trace = TraceLayer::new_for_http().make_span_with(|request: &Request| {
+        // The matched route, not the raw path: low-cardinality span names and labels.
+        let route = request
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", |p| p.as_str());
+        let id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::info_span!("request", method = %request.method(), route, request_id = id)
+    });
+    Router::new()
+        .merge(agents::routes::router())
+        .merge(messages::routes::router())
+        .merge(events::stream::router())
+        .merge(ops::router())
+        .fallback(|| async { Error::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            crate::error::problem_response(crate::error::Problem {
+                kind: "urn:ltmc:problem:method-not-allowed".into(),
+                title: "Method Not Allowed".into(),
+                status: 405,
+                detail: "this endpoint does not take that method".into(),
+                errors: Vec::new(),
+            })
+        })
+        .layer(DefaultBodyLimit::max(
+            state.config.limits.max_body_bytes as usize,
+        ))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(ids))
+                .layer(trace)
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    Error::Unavailable("the request timed out".into()).into_response()
+                }))
+                .timeout(timeout),
+        )
+        .with_state(state)
+}

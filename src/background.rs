@@ -1,0 +1,60 @@
+//! The background loop: a thin timer around step functions that tests call directly.
+//! Each tick reaps expired leases and expires silent agents; about once a minute it also prunes
+//! the event log, acked messages and idempotency answers. Every step is a compare-and-set in the
+//! store or an atomic take in the broker, so with several instances each change happens once.
+
+use std::time::{Duration, Instant};
+
+use crate::app::AppState;
+use crate::common::now_ms;
+use crate::{agents, events, messages};
+
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+
+/// Runs until shutdown; a tick in progress finishes first (a safe point).
+pub async fn run(state: AppState) {
+    let mut interval = tokio::time::interval(state.config.tick());
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_housekeeping = Instant::now();
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        tick(&state, now_ms()).await;
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+            last_housekeeping = Instant::now();
+            housekeeping(&state, now_ms()).await;
+        }
+    }
+}
+
+/// One tick: lease reaper and presence expiry. Failures are logged; the next tick retries.
+pub async fn tick(state: &AppState, now: i64) {
+    match messages::reap_tick(state, now).await {
+        Ok(r) if r.redelivered + r.dead_lettered > 0 => {
+            tracing::debug!(
+                redelivered = r.redelivered,
+                dead_lettered = r.dead_lettered,
+                "leases reaped"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "lease reaper failed"),
+    }
+    match agents::expire_tick(state, now).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(expired = n, "agents went offline"),
+        Err(e) => tracing::warn!(error = %e, "presence expiry failed"),
+    }
+}
+
+/// Pruning by retention.
+pub async fn housekeeping(state: &AppState, now: i64) {
+    if let Err(e) = events::prune_tick(state, now).await {
+        tracing::warn!(error = %e, "event log pruning failed");
+    }
+    if let Err(e) = messages::prune_tick(state, now).await {
+        tracing::warn!(error = %e, "message pruning failed");
+    }
+}

@@ -1,0 +1,122 @@
+//! The in-process broker: presence in a map with deadlines, pub/sub through one
+//! `tokio::sync::broadcast` channel that this instance's subscription drains into the hub.
+//! `std::sync::Mutex` because no lock is held across an `.await`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::Presence;
+use crate::events::Event;
+use crate::events::hub::Hub;
+
+/// Published events the subscription may fall behind by before it must resync from the log.
+const PUBSUB_CAPACITY: usize = 1 << 16;
+
+#[derive(Default)]
+struct PresenceTable {
+    agents: HashMap<String, Presence>,
+    /// (expires_at, agent_id): the expiry loop pops from the front.
+    deadlines: BTreeSet<(i64, String)>,
+}
+
+pub struct MemoryBroker {
+    presence: Mutex<PresenceTable>,
+    events: broadcast::Sender<Arc<Event>>,
+    /// Created with the broker so nothing published before the subscription task starts is lost.
+    first_receiver: Mutex<Option<broadcast::Receiver<Arc<Event>>>>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBroker {
+    pub fn new() -> Self {
+        let (events, receiver) = broadcast::channel(PUBSUB_CAPACITY);
+        MemoryBroker {
+            presence: Mutex::default(),
+            events,
+            first_receiver: Mutex::new(Some(receiver)),
+        }
+    }
+
+    pub fn publish(&self, event: Event) {
+        // An error only means no subscription is running (shutting down): nothing to deliver to.
+        let _ = self.events.send(Arc::new(event));
+    }
+
+    pub async fn run_subscription(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
+        let taken = self.first_receiver.lock().expect("receiver lock").take();
+        let mut receiver = taken.unwrap_or_else(|| self.events.subscribe());
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                received = receiver.recv() => match received {
+                    Ok(event) => hub.dispatch(&event),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "event fan-out fell behind; streams resync from the log");
+                        hub.resync();
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+
+    pub fn set_presence(&self, agent_id: &str, presence: &Presence) {
+        let mut table = self.presence.lock().expect("presence lock");
+        if let Some(old) = table.agents.insert(agent_id.to_owned(), presence.clone()) {
+            table
+                .deadlines
+                .remove(&(old.expires_at, agent_id.to_owned()));
+        }
+        table
+            .deadlines
+            .insert((presence.expires_at, agent_id.to_owned()));
+    }
+
+    pub fn presence(&self, agent_ids: &[&str], now: i64) -> Vec<Option<Presence>> {
+        let table = self.presence.lock().expect("presence lock");
+        agent_ids
+            .iter()
+            .map(|id| {
+                table
+                    .agents
+                    .get(*id)
+                    .filter(|p| p.expires_at > now)
+                    .cloned()
+            })
+            .collect()
+    }
+
+    pub fn remove_presence(&self, agent_id: &str) {
+        let mut table = self.presence.lock().expect("presence lock");
+        if let Some(old) = table.agents.remove(agent_id) {
+            table
+                .deadlines
+                .remove(&(old.expires_at, agent_id.to_owned()));
+        }
+    }
+
+    pub fn take_expired(&self, now: i64) -> Vec<(String, i64)> {
+        let mut table = self.presence.lock().expect("presence lock");
+        let mut expired = Vec::new();
+        while let Some((at, _)) = table.deadlines.first()
+            && *at <= now
+        {
+            let (deadline, agent_id) = table.deadlines.pop_first().expect("checked non-empty");
+            table.agents.remove(&agent_id);
+            expired.push((agent_id, deadline));
+        }
+        expired
+    }
+
+    pub fn active_count(&self) -> u64 {
+        self.presence.lock().expect("presence lock").agents.len() as u64
+    }
+}

@@ -1,0 +1,141 @@
+//! The real-time layer: presence, notifications between instances, and (in later areas) caches.
+//! A closed enum with two variants that pass one shared test suite: [`Broker::Memory`], the
+//! embedded default, and [`Broker::Redis`], for several instances sharing one Redis.
+//!
+//! Nothing lives only here except presence, which agents re-establish with their next heartbeat:
+//! a FLUSHALL or a restart of Redis loses no message, event or record (the store holds them).
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::events::Event;
+use crate::events::hub::Hub;
+
+/// An agent's liveness, kept with a TTL in the broker. Heartbeats write only this.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Presence {
+    pub status: String,
+    pub last_seen_at: i64,
+    pub expires_at: i64,
+    pub current_tasks: u32,
+}
+
+/// The broker handle: cheap to clone.
+#[derive(Clone)]
+pub enum Broker {
+    Memory(Arc<memory::MemoryBroker>),
+    Redis(Arc<redis::RedisBroker>),
+}
+
+impl Broker {
+    /// The in-process broker.
+    pub fn memory() -> Broker {
+        Broker::Memory(Arc::new(memory::MemoryBroker::new()))
+    }
+
+    /// A Redis broker; connects lazily, so start-up works while Redis is still coming up.
+    pub fn redis(url: &str, prefix: &str) -> Result<Broker> {
+        Ok(Broker::Redis(Arc::new(redis::RedisBroker::new(
+            url, prefix,
+        )?)))
+    }
+
+    /// `memory` or `redis`, for readiness answers and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Broker::Memory(_) => "memory",
+            Broker::Redis(_) => "redis",
+        }
+    }
+
+    /// Publishes a committed event to every instance (this one included). Never waits: called
+    /// while the store's order lock is held, so events leave in `seq` order.
+    pub fn publish(&self, event: Event) {
+        match self {
+            Broker::Memory(b) => b.publish(event),
+            Broker::Redis(b) => b.publish(event),
+        }
+    }
+
+    /// Runs this instance's one subscription until `shutdown`, dispatching into `hub`.
+    pub async fn run_subscription(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
+        match self {
+            Broker::Memory(b) => b.run_subscription(hub, shutdown).await,
+            Broker::Redis(b) => b.run_subscription(hub, shutdown).await,
+        }
+    }
+
+    /// Runs the publisher (Redis: pipelines queued events to PUBLISH) until `shutdown`.
+    pub async fn run_publisher(&self, shutdown: CancellationToken) {
+        match self {
+            Broker::Memory(_) => {}
+            Broker::Redis(b) => b.run_publisher(shutdown).await,
+        }
+    }
+
+    /// Sets an agent's presence for `ttl_ms` and marks it active.
+    pub async fn set_presence(
+        &self,
+        agent_id: &str,
+        presence: &Presence,
+        ttl_ms: i64,
+    ) -> Result<()> {
+        match self {
+            Broker::Memory(b) => {
+                b.set_presence(agent_id, presence);
+                Ok(())
+            }
+            Broker::Redis(b) => b.set_presence(agent_id, presence, ttl_ms).await,
+        }
+    }
+
+    /// The presence of each agent (None: offline or unknown), in the order asked.
+    pub async fn presence(&self, agent_ids: &[&str], now: i64) -> Result<Vec<Option<Presence>>> {
+        match self {
+            Broker::Memory(b) => Ok(b.presence(agent_ids, now)),
+            Broker::Redis(b) => b.presence(agent_ids).await,
+        }
+    }
+
+    /// Forgets an agent's presence (it was deleted).
+    pub async fn remove_presence(&self, agent_id: &str) -> Result<()> {
+        match self {
+            Broker::Memory(b) => {
+                b.remove_presence(agent_id);
+                Ok(())
+            }
+            Broker::Redis(b) => b.remove_presence(agent_id).await,
+        }
+    }
+
+    /// Removes and returns the agents (with their deadlines) whose presence expired by `now`.
+    /// With several instances each expiry is returned to exactly one of them.
+    pub async fn take_expired(&self, now: i64) -> Result<Vec<(String, i64)>> {
+        match self {
+            Broker::Memory(b) => Ok(b.take_expired(now)),
+            Broker::Redis(b) => b.take_expired(now).await,
+        }
+    }
+
+    /// How many agents are active (present).
+    pub async fn active_count(&self) -> Result<u64> {
+        match self {
+            Broker::Memory(b) => Ok(b.active_count()),
+            Broker::Redis(b) => b.active_count().await,
+        }
+    }
+
+    /// A round trip to the broker, for `/readyz`.
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            Broker::Memory(_) => Ok(()),
+            Broker::Redis(b) => b.ping().await,
+        }
+    }
+}

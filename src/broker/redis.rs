@@ -1,0 +1,282 @@
+//! The Redis broker. Data structures, every name under the configured prefix `P`:
+//!
+//! - `P agent:{agent_id}` — STRING, the agent's [`Presence`] as JSON, with a `PX` TTL.
+//! - `P agents:active` — SET of present agent ids.
+//! - `P agents:deadlines` — ZSET agent id → presence deadline (ms); the expiry loop takes due
+//!   members atomically (one Lua script), so with several instances each expiry fires once.
+//! - `P ev:{topic}` — pub/sub channels carrying committed events as JSON. Each instance holds one
+//!   dedicated (non-pooled) connection subscribed to the pattern `P ev:*` and reconnects it with
+//!   backoff; after a reconnect every stream re-reads the event log, so no gap survives an outage.
+//!
+//! Commands use a deadpool-redis pool with short timeouts: while Redis is down, calls fail fast
+//! with 503 instead of hanging requests.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::{Config, PoolConfig, Runtime, Timeouts};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Presence;
+use crate::error::{Error, Result};
+use crate::events::Event;
+use crate::events::hub::Hub;
+
+/// Events queued for PUBLISH; beyond this the publisher is hopelessly behind (Redis down) and
+/// further events are dropped from pub/sub (never from the log: streams resync when Redis returns).
+const PUBLISH_QUEUE: usize = 1 << 16;
+/// Longest a single Redis command may take before the request fails with 503.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+const TAKE_EXPIRED: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 1000)
+for i = 1, #due, 2 do
+  redis.call('ZREM', KEYS[1], due[i])
+  redis.call('SREM', KEYS[2], due[i])
+  redis.call('DEL', ARGV[2] .. due[i])
+end
+return due
+";
+
+pub struct RedisBroker {
+    pool: deadpool_redis::Pool,
+    client: redis::Client,
+    prefix: String,
+    publish_tx: mpsc::Sender<Event>,
+    publish_rx: Mutex<Option<mpsc::Receiver<Event>>>,
+    take_expired: redis::Script,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("redis is unavailable: {error}"))
+}
+
+impl RedisBroker {
+    pub fn new(url: &str, prefix: &str) -> Result<Self> {
+        let mut config = Config::from_url(url);
+        config.pool = Some(PoolConfig {
+            max_size: 32,
+            timeouts: Timeouts {
+                wait: Some(COMMAND_TIMEOUT),
+                create: Some(COMMAND_TIMEOUT),
+                recycle: Some(COMMAND_TIMEOUT),
+            },
+            ..PoolConfig::default()
+        });
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| Error::Internal(format!("redis pool: {e}")))?;
+        let client =
+            redis::Client::open(url).map_err(|e| Error::Internal(format!("redis url: {e}")))?;
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        Ok(RedisBroker {
+            pool,
+            client,
+            prefix: prefix.to_owned(),
+            publish_tx,
+            publish_rx: Mutex::new(Some(publish_rx)),
+            take_expired: redis::Script::new(TAKE_EXPIRED),
+        })
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    /// Runs one command future with the command timeout.
+    async fn timed<T>(&self, future: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, future).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(unavailable("command timed out")),
+        }
+    }
+
+    pub fn publish(&self, event: Event) {
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.publish_tx.try_send(event) {
+            tracing::warn!(
+                seq = event.seq,
+                "publish queue full; streams will resync from the log"
+            );
+        }
+    }
+
+    pub async fn run_publisher(&self, shutdown: CancellationToken) {
+        let Some(mut rx) = self.publish_rx.lock().expect("publisher lock").take() else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(256);
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => 0,
+                n = rx.recv_many(&mut batch, 256) => n,
+            };
+            if received == 0 {
+                // Shutting down: flush what was committed before the stop, then leave.
+                rx.close();
+                while let Some(event) = rx.recv().await {
+                    batch.push(event);
+                }
+                self.publish_batch(&mut batch).await;
+                return;
+            }
+            self.publish_batch(&mut batch).await;
+        }
+    }
+
+    async fn publish_batch(&self, batch: &mut Vec<Event>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for event in batch.iter() {
+            let channel = self.key(&format!("ev:{}", event.topic));
+            match serde_json::to_string(event) {
+                Ok(payload) => {
+                    pipe.publish(channel, payload).ignore();
+                }
+                Err(e) => tracing::error!(error = %e, "event not serializable"),
+            }
+        }
+        let result = async {
+            let mut conn = self.conn().await?;
+            self.timed(pipe.query_async::<()>(&mut conn)).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, events = batch.len(), "publish failed; streams resync when redis returns");
+        }
+        batch.clear();
+    }
+
+    pub async fn run_subscription(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
+        let pattern = self.key("ev:*");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub()) => c,
+            };
+            match connected {
+                Ok(Ok(mut pubsub)) => match pubsub.psubscribe(&pattern).await {
+                    Ok(()) => {
+                        tracing::info!(%pattern, "redis subscription established");
+                        backoff = Duration::from_millis(50);
+                        // Anything published while we were away is in the log: streams re-read it.
+                        hub.resync();
+                        let mut messages = pubsub.on_message();
+                        loop {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                message = messages.next() => match message {
+                                    Some(message) => {
+                                        match serde_json::from_slice::<Event>(message.get_payload_bytes()) {
+                                            Ok(event) => hub.dispatch(&event),
+                                            Err(e) => tracing::warn!(error = %e, "ignoring a malformed event"),
+                                        }
+                                    }
+                                    None => break,
+                                },
+                            }
+                        }
+                        tracing::warn!("redis subscription lost; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "redis psubscribe failed"),
+                },
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis subscription connect failed"),
+                Err(_) => tracing::warn!("redis subscription connect timed out"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    pub async fn set_presence(
+        &self,
+        agent_id: &str,
+        presence: &Presence,
+        ttl_ms: i64,
+    ) -> Result<()> {
+        let json = serde_json::to_string(presence).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(self.key(&format!("agent:{agent_id}")))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .ignore()
+            .sadd(self.key("agents:active"), agent_id)
+            .ignore()
+            .zadd(self.key("agents:deadlines"), agent_id, presence.expires_at)
+            .ignore();
+        self.timed(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    pub async fn presence(&self, agent_ids: &[&str]) -> Result<Vec<Option<Presence>>> {
+        if agent_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = agent_ids
+            .iter()
+            .map(|id| self.key(&format!("agent:{id}")))
+            .collect();
+        let mut conn = self.conn().await?;
+        // MGET with one key answers a bare value, so always ask through the command form.
+        let values: Vec<Option<String>> = self
+            .timed(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .await?;
+        Ok(values
+            .into_iter()
+            .map(|v| v.and_then(|json| serde_json::from_str(&json).ok()))
+            .collect())
+    }
+
+    pub async fn remove_presence(&self, agent_id: &str) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.key(&format!("agent:{agent_id}")))
+            .ignore()
+            .srem(self.key("agents:active"), agent_id)
+            .ignore()
+            .zrem(self.key("agents:deadlines"), agent_id)
+            .ignore();
+        self.timed(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    pub async fn take_expired(&self, now: i64) -> Result<Vec<(String, i64)>> {
+        let mut conn = self.conn().await?;
+        let mut invocation = self.take_expired.key(self.key("agents:deadlines"));
+        invocation
+            .key(self.key("agents:active"))
+            .arg(now)
+            .arg(self.key("agent:"));
+        let due: Vec<(String, f64)> = self.timed(invocation.invoke_async(&mut conn)).await?;
+        Ok(due
+            .into_iter()
+            .map(|(id, deadline)| (id, deadline as i64))
+            .collect())
+    }
+
+    pub async fn active_count(&self) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        self.timed(conn.scard(self.key("agents:active"))).await
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn().await?;
+        self.timed(redis::cmd("PING").query_async::<()>(&mut conn))
+            .await
+    }
+}

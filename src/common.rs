@@ -1,0 +1,113 @@
+//! Small things every area shares: ids, timestamps, agent-id rules, pages.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::error::{Error, Result};
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// RFC 3339 UTC with milliseconds: `2026-11-26T11:29:39.123Z`.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random source is available");
+    hex(&buf)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// An opaque, type-prefixed, time-sortable id: `msg_` + 12 hex digits of milliseconds + 16 random
+/// hex digits. Fixed width, so lexical order is creation order (to the millisecond).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{:012x}{}", now_ms(), random_hex(8))
+}
+
+/// Agent ids are chosen by the agent: 1-128 characters of `[A-Za-z0-9._:-]`.
+pub fn validate_agent_id(field: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            "agent ids are 1-128 characters of [A-Za-z0-9._:-]",
+        ))
+    }
+}
+
+/// A short free-text field: 1..=max bytes.
+pub fn validate_text(field: &str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() || value.len() > max {
+        return Err(Error::invalid(field, format!("must be 1-{max} bytes")));
+    }
+    Ok(())
+}
+
+/// `?limit=&cursor=` of every list endpoint.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Page size (default 50, at most the configured maximum, 500 by default).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    /// The page size, validated against the configured maximum.
+    pub fn limit(&self, max: u32) -> Result<u32> {
+        match self.limit {
+            None => Ok(50.min(max)),
+            Some(n) if (1..=max).contains(&n) => Ok(n),
+            Some(_) => Err(Error::invalid("limit", format!("must be 1-{max}"))),
+        }
+    }
+}
+
+/// One page of a list: `next_cursor` is null on the last page.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// Cuts a `limit + 1` fetch down to `limit` items, deriving the cursor from the last one kept.
+    pub fn from_overfetch(mut items: Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Self {
+        let more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        let next_cursor = if more {
+            items.last().map(cursor_of)
+        } else {
+            None
+        };
+        Page { items, next_cursor }
+    }
+}
+
+/// The body of action endpoints that take none: empty or `{}` (unknown fields are rejected).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}

@@ -1,0 +1,218 @@
+//! Configuration: every setting is a flag and an `LTMC_*` environment variable, so `ltmc --help`
+//! is the configuration reference. Values are validated while parsing; a bad one stops start-up
+//! with one line naming the setting (exit code 2, see `main.rs`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The `ltmc` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ltmc",
+    version,
+    about = "Real-time coordination service for AI agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document and exit.
+    Openapi,
+}
+
+/// Everything the service is configured with.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "LTMC_BIND",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub bind: SocketAddr,
+
+    /// SQL store (SQLite): `sqlite://PATH`; the file is created if missing.
+    #[arg(long, env = "LTMC_DATABASE_URL", default_value = "sqlite://ltmc.db",
+          value_parser = parse_database_url, global = true)]
+    pub database_url: String,
+
+    /// Redis URL (`redis://HOST:PORT/DB`). Unset: the in-process broker.
+    #[arg(long, env = "LTMC_REDIS_URL", value_parser = parse_redis_url, global = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel.
+    #[arg(long, env = "LTMC_KEY_PREFIX", default_value = "ltmc:", value_parser = parse_key_prefix, global = true)]
+    pub key_prefix: String,
+
+    /// Admin token (may do everything). Setting any token turns auth on.
+    #[arg(long, env = "LTMC_ADMIN_TOKEN", value_parser = parse_token, hide_env_values = true, global = true)]
+    pub admin_token: Option<String>,
+
+    /// Read token (every GET and the event streams).
+    #[arg(long, env = "LTMC_READ_TOKEN", value_parser = parse_token, hide_env_values = true, global = true)]
+    pub read_token: Option<String>,
+
+    /// Allow listening on a non-loopback address with auth off.
+    #[arg(long, env = "LTMC_INSECURE_NO_AUTH", global = true)]
+    pub insecure_no_auth: bool,
+
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info,ltmc=debug`.
+    #[arg(long, env = "LTMC_LOG", default_value = "info", value_parser = parse_log_filter, global = true)]
+    pub log: String,
+
+    /// Log format: `text` or `json` (JSON lines).
+    #[arg(long, env = "LTMC_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    pub log_format: String,
+
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// Limits and timings, each with the API contract's default.
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
+    /// Largest accepted request body, in bytes (larger: 413).
+    #[arg(long, env = "LTMC_MAX_BODY_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..=64 << 20), global = true)]
+    pub max_body_bytes: u32,
+
+    /// Largest message `content` (serialized JSON), in bytes (larger: 413).
+    #[arg(long, env = "LTMC_MAX_CONTENT_BYTES", default_value_t = 256 << 10,
+          value_parser = clap::value_parser!(u32).range(16..=64 << 20), global = true)]
+    pub max_content_bytes: u32,
+
+    /// Messages waiting (queued or claimed) per recipient before sends get 429.
+    #[arg(long, env = "LTMC_MAX_QUEUED_PER_AGENT", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_queued_per_agent: u32,
+
+    /// Deliveries before a message moves to the dead letters.
+    #[arg(long, env = "LTMC_MAX_DELIVERIES", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    pub max_deliveries: u32,
+
+    /// Largest page a list endpoint returns (`?limit=`).
+    #[arg(long, env = "LTMC_MAX_PAGE_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
+    pub max_page_size: u32,
+
+    /// Open WebSocket streams allowed per agent token (429 beyond).
+    #[arg(long, env = "LTMC_MAX_STREAMS_PER_TOKEN", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_streams_per_token: u32,
+
+    /// Frames buffered per WebSocket connection; a consumer that falls this far behind is closed (4008).
+    #[arg(long, env = "LTMC_STREAM_BUFFER", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 20), global = true)]
+    pub stream_buffer: u32,
+
+    /// Seconds between server pings on WebSocket streams.
+    #[arg(long, env = "LTMC_PING_INTERVAL_S", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=3600), global = true)]
+    pub ping_interval_s: u32,
+
+    /// Seconds a request may take before it is answered 503 (streams are exempt).
+    #[arg(long, env = "LTMC_REQUEST_TIMEOUT_S", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=3600), global = true)]
+    pub request_timeout_s: u32,
+
+    /// Event log retention in hours (the newest 1000 events are always kept).
+    #[arg(long, env = "LTMC_EVENT_RETENTION_H", default_value_t = 24,
+          value_parser = clap::value_parser!(u32).range(1..=24 * 365), global = true)]
+    pub event_retention_h: u32,
+
+    /// Milliseconds between background ticks (lease reaper, presence expiry, pruning).
+    #[arg(long, env = "LTMC_TICK_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u32).range(10..=60_000), global = true)]
+    pub tick_ms: u32,
+}
+
+impl Config {
+    /// Auth is on whenever a token is configured.
+    pub fn auth_enabled(&self) -> bool {
+        self.admin_token.is_some() || self.read_token.is_some()
+    }
+
+    /// Refuse what must not start: a non-loopback bind with auth off, unless the operator insists.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if !self.auth_enabled() && !self.bind.ip().is_loopback() && !self.insecure_no_auth {
+            return Err(format!(
+                "--bind / LTMC_BIND: refusing to listen on non-loopback {} without tokens \
+                 (set LTMC_ADMIN_TOKEN, or pass --insecure-no-auth)",
+                self.bind
+            ));
+        }
+        Ok(())
+    }
+
+    /// The SQLite file path inside `database_url`.
+    pub fn sqlite_path(&self) -> &str {
+        self.database_url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.database_url.strip_prefix("sqlite:"))
+            .unwrap_or(&self.database_url)
+    }
+
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.limits.tick_ms.into())
+    }
+
+    /// A configuration for tests and embedding: defaults with the given database file.
+    pub fn for_tests(database_path: &std::path::Path) -> Self {
+        let mut cli = Cli::parse_from(["ltmc"]);
+        cli.config.bind = "127.0.0.1:0".parse().expect("literal address");
+        cli.config.database_url = format!("sqlite://{}", database_path.display());
+        cli.config
+    }
+}
+
+fn parse_database_url(value: &str) -> Result<String, String> {
+    let path = value
+        .strip_prefix("sqlite://")
+        .or_else(|| value.strip_prefix("sqlite:"))
+        .ok_or("expected sqlite://PATH (the SQLite store)")?;
+    if path.is_empty() || path.starts_with(":memory:") {
+        return Err("expected a file path: an in-memory database would lose everything".into());
+    }
+    Ok(value.to_owned())
+}
+
+fn parse_redis_url(value: &str) -> Result<String, String> {
+    deadpool_redis::redis::Client::open(value).map_err(|e| format!("not a Redis URL: {e}"))?;
+    Ok(value.to_owned())
+}
+
+fn parse_key_prefix(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.len() > 64 || value.chars().any(|c| c.is_whitespace() || c == '*')
+    {
+        return Err("1-64 characters, no spaces and no '*'".into());
+    }
+    Ok(value.to_owned())
+}
+
+fn parse_token(value: &str) -> Result<String, String> {
+    if value.len() < 16 {
+        return Err("tokens must be at least 16 characters".into());
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("tokens must be printable ASCII without spaces".into());
+    }
+    Ok(value.to_owned())
+}
+
+fn parse_log_filter(value: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(value).map_err(|e| format!("not a log filter: {e}"))?;
+    Ok(value.to_owned())
+}

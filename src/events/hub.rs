@@ -1,0 +1,210 @@
+//! Fans events out to this instance's WebSocket connections.
+//!
+//! Each connection registers a bounded channel. Dispatch never waits: a connection whose buffer
+//! is full is dropped from the hub and flagged, and its socket task closes it with 4008 (slow
+//! consumer). A `std::sync::Mutex` is right here: it is held only to walk the subscriber lists,
+//! never across an `.await`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use super::Event;
+
+/// What a connection receives.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// A rendered frame and the event's `seq`.
+    Frame { seq: i64, text: Arc<str> },
+    /// The broker subscription was interrupted: events may have been missed, re-read the log.
+    Resync,
+}
+
+/// What a connection listens to.
+#[derive(Debug, Clone)]
+pub enum Interest {
+    Agent(String),
+    Topics(HashSet<String>),
+}
+
+struct Subscriber {
+    id: u64,
+    tx: mpsc::Sender<Delivery>,
+    overflowed: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Subscribers {
+    agents: HashMap<String, Vec<Subscriber>>,
+    firehose: Vec<(HashSet<String>, Subscriber)>,
+}
+
+/// The per-instance fan-out.
+#[derive(Default)]
+pub struct Hub {
+    subscribers: Mutex<Subscribers>,
+    next_id: AtomicU64,
+    open: AtomicU64,
+}
+
+/// A connection's handle on the hub; unsubscribes when dropped.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    id: u64,
+    interest: Interest,
+    pub rx: mpsc::Receiver<Delivery>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl Subscription {
+    /// True when the hub dropped this connection because its buffer was full.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(self.id, &self.interest);
+    }
+}
+
+/// Offers a delivery; false when the subscriber must be dropped (full or gone).
+fn offer(subscriber: &Subscriber, delivery: Delivery) -> bool {
+    match subscriber.tx.try_send(delivery) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            subscriber.overflowed.store(true, Ordering::Release);
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+impl Hub {
+    pub fn new() -> Arc<Hub> {
+        Arc::new(Hub::default())
+    }
+
+    /// Registers a connection with a buffer of `capacity` deliveries.
+    pub fn subscribe(self: &Arc<Self>, interest: Interest, capacity: usize) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let subscriber = Subscriber {
+            id,
+            tx,
+            overflowed: overflowed.clone(),
+        };
+        {
+            let mut subs = self.subscribers.lock().expect("hub lock");
+            match &interest {
+                Interest::Agent(agent) => subs
+                    .agents
+                    .entry(agent.clone())
+                    .or_default()
+                    .push(subscriber),
+                Interest::Topics(topics) => subs.firehose.push((topics.clone(), subscriber)),
+            }
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            hub: self.clone(),
+            id,
+            interest,
+            rx,
+            overflowed,
+        }
+    }
+
+    fn unsubscribe(&self, id: u64, interest: &Interest) {
+        let mut subs = self.subscribers.lock().expect("hub lock");
+        let removed = match interest {
+            Interest::Agent(agent) => match subs.agents.get_mut(agent) {
+                Some(list) => {
+                    let before = list.len();
+                    list.retain(|s| s.id != id);
+                    let removed = before != list.len();
+                    if list.is_empty() {
+                        subs.agents.remove(agent);
+                    }
+                    removed
+                }
+                None => false,
+            },
+            Interest::Topics(_) => {
+                let before = subs.firehose.len();
+                subs.firehose.retain(|(_, s)| s.id != id);
+                before != subs.firehose.len()
+            }
+        };
+        if removed || self.open.load(Ordering::Relaxed) > 0 {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Open connections on this instance.
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Whether any connection on this instance listens to `agent_id`.
+    pub fn has_agent_listener(&self, agent_id: &str) -> bool {
+        self.subscribers
+            .lock()
+            .expect("hub lock")
+            .agents
+            .contains_key(agent_id)
+    }
+
+    /// Delivers one event to every interested connection, dropping the ones that cannot keep up.
+    pub fn dispatch(&self, event: &Event) {
+        let mut subs = self.subscribers.lock().expect("hub lock");
+        if let Some(agent) = &event.agent_id
+            && let Some(list) = subs.agents.get_mut(agent)
+        {
+            let text: Arc<str> = event.agent_frame().into();
+            list.retain(|s| {
+                offer(
+                    s,
+                    Delivery::Frame {
+                        seq: event.seq,
+                        text: text.clone(),
+                    },
+                )
+            });
+            if list.is_empty() {
+                subs.agents.remove(agent);
+            }
+        }
+        if subs
+            .firehose
+            .iter()
+            .any(|(topics, _)| topics.contains(&event.topic))
+        {
+            let text: Arc<str> = event.firehose_frame().into();
+            subs.firehose.retain(|(topics, s)| {
+                !topics.contains(&event.topic)
+                    || offer(
+                        s,
+                        Delivery::Frame {
+                            seq: event.seq,
+                            text: text.clone(),
+                        },
+                    )
+            });
+        }
+    }
+
+    /// Tells every connection to re-read the log (after the broker subscription was interrupted).
+    pub fn resync(&self) {
+        let mut subs = self.subscribers.lock().expect("hub lock");
+        for list in subs.agents.values_mut() {
+            list.retain(|s| offer(s, Delivery::Resync));
+        }
+        subs.agents.retain(|_, list| !list.is_empty());
+        subs.firehose.retain(|(_, s)| offer(s, Delivery::Resync));
+    }
+}

@@ -1,0 +1,103 @@
+//! The one event path. Every state change appends an [`Event`] to the store's event log in the
+//! same transaction as the change (`store::Writer::emit`), is published through the broker after
+//! commit, comes back through this instance's single broker subscription, and is fanned out by
+//! the [`hub::Hub`] to the WebSocket connections on this instance. Streams resume from the log.
+
+pub mod db;
+pub mod hub;
+pub mod stream;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::common::rfc3339;
+
+/// The topics of the firehose (`/v1/events/stream?topics=`).
+pub const TOPICS: &[&str] = &[
+    "agents",
+    "messages",
+    "handoffs",
+    "sessions",
+    "workflows",
+    "coordinations",
+];
+
+/// A committed state change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Position in the event log; only grows.
+    pub seq: i64,
+    pub topic: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Set when the event is also a notification on this agent's stream.
+    pub agent_id: Option<String>,
+    /// Milliseconds since the epoch.
+    pub at: i64,
+    pub data: Value,
+}
+
+/// An event about to be appended.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub topic: &'static str,
+    pub kind: &'static str,
+    pub agent_id: Option<String>,
+    pub data: Value,
+}
+
+impl NewEvent {
+    /// An event for the firehose only.
+    pub fn new(topic: &'static str, kind: &'static str, data: Value) -> Self {
+        NewEvent {
+            topic,
+            kind,
+            agent_id: None,
+            data,
+        }
+    }
+
+    /// An event that is also a notification on `agent_id`'s stream.
+    pub fn to_agent(mut self, agent_id: &str) -> Self {
+        self.agent_id = Some(agent_id.to_owned());
+        self
+    }
+}
+
+impl Event {
+    /// The firehose frame: `{topic, type, seq, at, data}`.
+    pub fn firehose_frame(&self) -> String {
+        serde_json::json!({
+            "topic": self.topic,
+            "type": self.kind,
+            "seq": self.seq,
+            "at": rfc3339(self.at),
+            "data": self.data,
+        })
+        .to_string()
+    }
+
+    /// The agent-stream frame: the event's data with `type`, `seq` and `at` beside it.
+    pub fn agent_frame(&self) -> String {
+        let mut frame = match &self.data {
+            Value::Object(map) => map.clone(),
+            other => Map::from_iter([("data".to_owned(), other.clone())]),
+        };
+        frame.insert("type".into(), Value::String(self.kind.clone()));
+        frame.insert("seq".into(), Value::from(self.seq));
+        frame.insert("at".into(), Value::String(rfc3339(self.at)));
+        Value::Object(frame).to_string()
+    }
+}
+
+/// Events always kept, whatever their age.
+const KEEP_NEWEST_EVENTS: i64 = 1000;
+
+/// Prunes the event log past its retention (keeping the newest 1000 events).
+pub async fn prune_tick(state: &crate::app::AppState, now: i64) -> crate::error::Result<u64> {
+    let cutoff = now - i64::from(state.config.limits.event_retention_h) * 3_600_000;
+    let mut tx = state.store.begin().await?;
+    let pruned = db::prune(tx.conn(), cutoff, KEEP_NEWEST_EVENTS).await?;
+    tx.commit(&state.broker).await?;
+    Ok(pruned)
+}

@@ -1,0 +1,355 @@
+//! The WebSocket endpoints: an agent's notification stream and the dashboard firehose.
+//!
+//! A connection subscribes to the hub *before* it reads the log, so nothing committed in between
+//! is missed; frames at or below the last `seq` sent are dropped, so the overlap never shows.
+//! Each connection is one `select!` over its hub buffer, the client, the ping timer and the
+//! shutdown token; it holds a task-tracker token, so shutdown waits until it has said goodbye.
+//!
+//! Close codes: 4401 bad or missing credentials, 4403 not allowed, 4008 slow consumer, 1012 the
+//! server is restarting, 1008 the client stopped answering pings. All but 4401/4403 are
+//! reconnectable with `?since=`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::json;
+use utoipa::IntoParams;
+
+use super::hub::{Delivery, Interest};
+use super::{TOPICS, db};
+use crate::app::AppState;
+use crate::auth::{Principal, bearer_subprotocol};
+use crate::common::validate_agent_id;
+use crate::error::{Error, Path, Query, Result};
+
+/// Largest frame or message a client may send.
+const MAX_CLIENT_FRAME: usize = 64 << 10;
+/// Events read from the log per query while catching up.
+const CATCH_UP_PAGE: i64 = 500;
+/// How long one frame may take to leave before the peer counts as stuck.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/agents/{agent_id}/stream", get(agent_stream))
+        .route("/v1/events/stream", get(firehose))
+}
+
+/// Resume position of a stream.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Resume after this `seq` (or send `Last-Event-ID`): first a `resumed` frame, then every
+    /// frame missed, in order.
+    pub since: Option<i64>,
+}
+
+/// Topics and resume position of the firehose.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FirehoseQuery {
+    /// Comma-separated: agents, messages, handoffs, sessions, workflows, coordinations (default: all).
+    pub topics: Option<String>,
+    pub since: Option<i64>,
+}
+
+/// Open streams per agent token.
+#[derive(Default)]
+pub struct StreamSlots {
+    open: Mutex<HashMap<String, u32>>,
+}
+
+/// One held slot; released when the connection ends.
+pub struct Slot {
+    slots: Arc<StreamSlots>,
+    agent_id: String,
+}
+
+impl StreamSlots {
+    fn acquire(self: &Arc<Self>, agent_id: &str, max: u32) -> Option<Slot> {
+        let mut open = self.open.lock().expect("slots lock");
+        let count = open.entry(agent_id.to_owned()).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            slots: self.clone(),
+            agent_id: agent_id.to_owned(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().expect("slots lock");
+        if let Some(count) = open.get_mut(&self.agent_id) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.agent_id);
+            }
+        }
+    }
+}
+
+/// An agent's notifications: `new_message`, `message.dead_lettered`, … as JSON text frames with
+/// `type`, `seq` and `at`. Token by `Authorization` or the `bearer.<token>` subprotocol.
+#[utoipa::path(get, path = "/v1/agents/{agent_id}/stream", tag = "streams",
+    params(("agent_id" = String, Path), StreamQuery),
+    responses((status = 101, description = "WebSocket: one JSON notification per text frame"),
+              (status = 422, body = crate::error::Problem), (status = 429, body = crate::error::Problem)))]
+pub async fn agent_stream(
+    State(state): State<AppState>,
+    Path(agent_id): Path<String>,
+    Query(query): Query<StreamQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response> {
+    validate_agent_id("agent_id", &agent_id)?;
+    let since = resume_point(query.since, &headers)?;
+    let who = match state.authenticate(&headers).await {
+        Ok(who) => who,
+        Err(e) => return refuse(ws, &headers, &e),
+    };
+    if let Err(e) = who.require_read_of(&agent_id) {
+        return refuse(ws, &headers, &e);
+    }
+    let slot = match &who {
+        Principal::Agent(me) => Some(
+            state
+                .stream_slots
+                .acquire(me, state.config.limits.max_streams_per_token)
+                .ok_or_else(|| {
+                    Error::TooManyRequests("too many open streams for this token".into())
+                })?,
+        ),
+        _ => None,
+    };
+    Ok(upgrade(ws, &headers)
+        .on_upgrade(move |socket| serve(state, socket, Interest::Agent(agent_id), since, slot)))
+}
+
+/// The dashboard firehose: `{topic, type, seq, at, data}` for every event of the chosen topics.
+#[utoipa::path(get, path = "/v1/events/stream", tag = "streams", params(FirehoseQuery),
+    responses((status = 101, description = "WebSocket: one JSON event per text frame"),
+              (status = 422, body = crate::error::Problem)))]
+pub async fn firehose(
+    State(state): State<AppState>,
+    Query(query): Query<FirehoseQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response> {
+    let topics: HashSet<String> = match query.topics.as_deref() {
+        None | Some("") => TOPICS.iter().map(|t| (*t).to_owned()).collect(),
+        Some(list) => list
+            .split(',')
+            .map(|t| {
+                let t = t.trim();
+                if TOPICS.contains(&t) {
+                    Ok(t.to_owned())
+                } else {
+                    Err(Error::invalid(
+                        "topics",
+                        format!("unknown topic {t:?}; known: {}", TOPICS.join(", ")),
+                    ))
+                }
+            })
+            .collect::<Result<_>>()?,
+    };
+    let since = resume_point(query.since, &headers)?;
+    let who = match state.authenticate(&headers).await {
+        Ok(who) => who,
+        Err(e) => return refuse(ws, &headers, &e),
+    };
+    if let Err(e) = who.require_reader() {
+        return refuse(ws, &headers, &e);
+    }
+    Ok(upgrade(ws, &headers)
+        .on_upgrade(move |socket| serve(state, socket, Interest::Topics(topics), since, None)))
+}
+
+/// `?since=` wins over `Last-Event-ID`.
+fn resume_point(since: Option<i64>, headers: &HeaderMap) -> Result<Option<i64>> {
+    let since = match since {
+        Some(since) => Some(since),
+        None => match headers.get("last-event-id") {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| Error::invalid("Last-Event-ID", "must be an event seq"))?,
+            ),
+        },
+    };
+    match since {
+        Some(s) if s < 0 => Err(Error::invalid("since", "must be 0 or more")),
+        other => Ok(other),
+    }
+}
+
+/// Limits and the subprotocol echo (a browser that offered `bearer.<token>` requires it back).
+fn upgrade(ws: WebSocketUpgrade, headers: &HeaderMap) -> WebSocketUpgrade {
+    let mut ws = ws
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME)
+        .write_buffer_size(16 << 10)
+        .max_write_buffer_size(1 << 20);
+    if let Some(protocol) = bearer_subprotocol(headers).and_then(|p| HeaderValue::from_str(&p).ok())
+    {
+        ws.set_selected_protocol(protocol);
+    }
+    ws
+}
+
+/// Completes the handshake only to close with 4401/4403: browsers cannot read an HTTP status.
+fn refuse(ws: WebSocketUpgrade, headers: &HeaderMap, error: &Error) -> Result<Response> {
+    let code = match error {
+        Error::Unauthorized(_) => 4401,
+        Error::Forbidden(_) => 4403,
+        _ => return Err(Error::Unavailable(error.to_string())),
+    };
+    let reason = error.to_string();
+    Ok(upgrade(ws, headers)
+        .on_upgrade(move |mut socket| async move {
+            let _ = socket.send(close_frame(code, &reason)).await;
+        })
+        .into_response())
+}
+
+fn close_frame(code: u16, reason: &str) -> Message {
+    let mut reason = reason.to_owned();
+    reason.truncate(120); // a close reason must fit in a control frame (125 bytes)
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// Why a connection ended.
+enum End {
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+    /// The peer went away (or the socket failed): nothing left to say.
+    Gone,
+}
+
+/// Runs one connection until it ends.
+async fn serve(
+    state: AppState,
+    mut socket: WebSocket,
+    interest: Interest,
+    since: Option<i64>,
+    _slot: Option<Slot>,
+) {
+    let _tracked = state.tracker.token();
+    let mut subscription = state
+        .hub
+        .subscribe(interest.clone(), state.config.limits.stream_buffer as usize);
+    let end: Result<std::convert::Infallible, End> = async {
+        let mut last_seq = match since {
+            None => 0,
+            Some(since) => {
+                let recovered = since >= db::pruned_through(state.store.reader()).await.map_err(|_| End::Close(1011, "store unavailable"))?;
+                send(&mut socket, json!({"type": "resumed", "recovered": recovered, "since": since}).to_string()).await?;
+                catch_up(&state, &mut socket, &interest, since).await?
+            }
+        };
+        let period = Duration::from_secs(state.config.limits.ping_interval_s.into());
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut awaiting_pong = false;
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return Err(End::Close(1012, "server restarting; reconnect with since")),
+                delivery = subscription.rx.recv() => match delivery {
+                    Some(Delivery::Frame { seq, text }) => {
+                        if seq > last_seq {
+                            send(&mut socket, text.to_string()).await?;
+                            last_seq = seq;
+                        }
+                    }
+                    Some(Delivery::Resync) => last_seq = catch_up(&state, &mut socket, &interest, last_seq).await?,
+                    None if subscription.overflowed() => return Err(End::Close(4008, "slow consumer")),
+                    None => return Err(End::Close(1011, "stream ended")),
+                },
+                _ = ping.tick() => {
+                    if awaiting_pong {
+                        return Err(End::Close(1008, "no pong"));
+                    }
+                    awaiting_pong = true;
+                    timed_send(&mut socket, Message::Ping(Default::default())).await?;
+                },
+                incoming = socket.recv() => match incoming {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err(End::Gone),
+                    // Any frame proves the peer is alive; client frames carry no commands yet.
+                    Some(Ok(_)) => awaiting_pong = false,
+                },
+            }
+        }
+    }
+    .await;
+    if let Err(End::Close(code, reason)) = end {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            socket.send(close_frame(code, reason)),
+        )
+        .await;
+    }
+}
+
+async fn timed_send(socket: &mut WebSocket, message: Message) -> Result<(), End> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::Close(4008, "slow consumer")),
+    }
+}
+
+async fn send(socket: &mut WebSocket, text: String) -> Result<(), End> {
+    timed_send(socket, Message::Text(text.into())).await
+}
+
+/// Sends every logged event of `interest` after `after`, in order; returns the last `seq` sent.
+async fn catch_up(
+    state: &AppState,
+    socket: &mut WebSocket,
+    interest: &Interest,
+    after: i64,
+) -> Result<i64, End> {
+    let mut last = after;
+    loop {
+        let page = match interest {
+            Interest::Agent(agent) => {
+                db::after_for_agent(state.store.reader(), agent, last, CATCH_UP_PAGE).await
+            }
+            Interest::Topics(topics) => {
+                let topics: Vec<String> = topics.iter().cloned().collect();
+                db::after_for_topics(state.store.reader(), &topics, last, CATCH_UP_PAGE).await
+            }
+        }
+        .map_err(|_| End::Close(1011, "store unavailable"))?;
+        let full = page.len() as i64 == CATCH_UP_PAGE;
+        for event in page {
+            let frame = match interest {
+                Interest::Agent(_) => event.agent_frame(),
+                Interest::Topics(_) => event.firehose_frame(),
+            };
+            send(socket, frame).await?;
+            last = event.seq;
+        }
+        if !full {
+            return Ok(last);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! `ltmc`: a real-time coordination service for AI agents.
+//!
+//! Agents register and heartbeat ([`agents`]), send each other durable prioritised messages and
+//! claim → ack them under leases ([`messages`]), and watch their notifications live over
+//! WebSocket ([`events`]). The SQL [`store`] is the truth; the [`broker`] (in-process or Redis)
+//! is the real-time layer. Start reading at [`app`].
+
+pub mod agents; // registry: records in SQL, presence in the broker
+pub mod app; // AppState, router, run(listener, shutdown)
+pub mod auth; // tokens and who may do what
+pub mod background; // the reaper / expiry / pruning loop as step functions
+pub mod broker; // enum Broker { Memory, Redis }: presence, pub/sub
+pub mod common; // ids, timestamps, pages
+pub mod config; // flags + LTMC_* environment
+pub mod error; // one error type -> problem+json
+pub mod events; // event log, hub fan-out, WebSocket streams
+pub mod messages; // durable per-agent priority queues with leases
+pub mod openapi; // the OpenAPI document
+pub mod ops; // healthz, readyz, openapi.json
+pub mod store; // SQLite store, ordered writer

@@ -1,0 +1,385 @@
+//! The queues' SQL. A claim is one `UPDATE … RETURNING` over the index
+//! `(recipient, state, priority DESC, seq)`, so priority-then-FIFO holds, also for redelivered
+//! messages (they keep their `seq`).
+
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use crate::error::Result;
+
+/// A message row as the API shows it.
+#[derive(Debug, Clone)]
+pub struct MessageRow {
+    pub seq: i64,
+    pub message_id: String,
+    pub sender: String,
+    pub recipient: String,
+    pub message_type: String,
+    pub content: String,
+    pub priority: i64,
+    pub correlation_id: Option<String>,
+    pub created_at: i64,
+    pub state: String,
+    pub delivery_count: i64,
+    pub lease_id: Option<String>,
+    pub lease_expires_at: Option<i64>,
+}
+
+fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<MessageRow> {
+    Ok(MessageRow {
+        seq: row.try_get("seq")?,
+        message_id: row.try_get("message_id")?,
+        sender: row.try_get("sender")?,
+        recipient: row.try_get("recipient")?,
+        message_type: row.try_get("message_type")?,
+        content: row.try_get("content")?,
+        priority: row.try_get("priority")?,
+        correlation_id: row.try_get("correlation_id")?,
+        created_at: row.try_get("created_at")?,
+        state: row.try_get("state")?,
+        delivery_count: row.try_get("delivery_count")?,
+        lease_id: row.try_get("lease_id")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+    })
+}
+
+/// Messages waiting for `recipient` (queued or claimed), counted up to `cap`.
+pub async fn pending_count(conn: &mut SqliteConnection, recipient: &str, cap: u32) -> Result<u32> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM message
+                               WHERE recipient = ? AND state IN ('queued', 'claimed') LIMIT ?)",
+    )
+    .bind(recipient)
+    .bind(cap)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// A message to enqueue.
+pub struct Insert<'a> {
+    pub message_id: &'a str,
+    pub sender: &'a str,
+    pub recipient: &'a str,
+    pub message_type: &'a str,
+    pub content: &'a str,
+    pub priority: u8,
+    pub correlation_id: Option<&'a str>,
+    pub now: i64,
+}
+
+pub async fn insert(conn: &mut SqliteConnection, m: &Insert<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO message (message_id, sender, recipient, message_type, content, priority,
+                              correlation_id, created_at, visible_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(m.message_id)
+    .bind(m.sender)
+    .bind(m.recipient)
+    .bind(m.message_type)
+    .bind(m.content)
+    .bind(m.priority)
+    .bind(m.correlation_id)
+    .bind(m.now)
+    .bind(m.now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Claims up to `limit` visible queued messages under a fresh lease (or acks them at once with
+/// `auto_ack`). Returned in claim order.
+pub async fn claim(
+    conn: &mut SqliteConnection,
+    recipient: &str,
+    limit: u32,
+    lease_id: &str,
+    lease_expires_at: i64,
+    auto_ack: bool,
+    now: i64,
+) -> Result<Vec<MessageRow>> {
+    let state = if auto_ack { "acked" } else { "claimed" };
+    let rows = sqlx::query(
+        "UPDATE message
+         SET state = ?, lease_id = ?, lease_expires_at = ?, delivery_count = delivery_count + 1,
+             finished_at = CASE WHEN ? = 'acked' THEN ? END
+         WHERE seq IN (SELECT seq FROM message
+                       WHERE recipient = ? AND state = 'queued' AND visible_at <= ?
+                       ORDER BY priority DESC, seq LIMIT ?)
+         RETURNING seq, message_id, sender, recipient, message_type, content, priority,
+                   correlation_id, created_at, state, delivery_count, lease_id, lease_expires_at",
+    )
+    .bind(state)
+    .bind(lease_id)
+    .bind(lease_expires_at)
+    .bind(state)
+    .bind(now)
+    .bind(recipient)
+    .bind(now)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    let mut messages = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+    // RETURNING does not promise an order.
+    messages.sort_by_key(|m| (-m.priority, m.seq));
+    Ok(messages)
+}
+
+/// Where a message stands, for explaining why a lease operation was refused.
+pub struct LeaseState {
+    pub state: String,
+    pub lease_id: Option<String>,
+    pub lease_expires_at: Option<i64>,
+}
+
+pub async fn lease_state(
+    conn: &mut SqliteConnection,
+    recipient: &str,
+    message_id: &str,
+) -> Result<Option<LeaseState>> {
+    let row = sqlx::query(
+        "SELECT state, lease_id, lease_expires_at FROM message WHERE message_id = ? AND recipient = ?",
+    )
+    .bind(message_id)
+    .bind(recipient)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|r| {
+        Ok(LeaseState {
+            state: r.try_get("state")?,
+            lease_id: r.try_get("lease_id")?,
+            lease_expires_at: r.try_get("lease_expires_at")?,
+        })
+    })
+    .transpose()
+}
+
+/// Acks a message held under a live lease; false when the lease is not current.
+pub async fn ack(
+    conn: &mut SqliteConnection,
+    recipient: &str,
+    message_id: &str,
+    lease_id: &str,
+    now: i64,
+) -> Result<bool> {
+    let result = sqlx::query(
+        "UPDATE message SET state = 'acked', finished_at = ?
+         WHERE message_id = ? AND recipient = ? AND state = 'claimed' AND lease_id = ? AND lease_expires_at > ?",
+    )
+    .bind(now)
+    .bind(message_id)
+    .bind(recipient)
+    .bind(lease_id)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Puts a leased message back in its old place (visible after `visible_at`), or into the dead
+/// letters when it has used up its deliveries. Returns the new state, None when the lease is not
+/// current.
+pub async fn nack(
+    conn: &mut SqliteConnection,
+    recipient: &str,
+    message_id: &str,
+    lease_id: &str,
+    visible_at: i64,
+    max_deliveries: u32,
+    now: i64,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE message
+         SET state = CASE WHEN delivery_count >= ? THEN 'dead' ELSE 'queued' END,
+             finished_at = CASE WHEN delivery_count >= ? THEN ? END,
+             visible_at = ?, lease_id = NULL, lease_expires_at = NULL
+         WHERE message_id = ? AND recipient = ? AND state = 'claimed' AND lease_id = ? AND lease_expires_at > ?
+         RETURNING state",
+    )
+    .bind(max_deliveries)
+    .bind(max_deliveries)
+    .bind(now)
+    .bind(visible_at)
+    .bind(message_id)
+    .bind(recipient)
+    .bind(lease_id)
+    .bind(now)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Moves a live lease's deadline; false when the lease is not current.
+pub async fn extend(
+    conn: &mut SqliteConnection,
+    recipient: &str,
+    message_id: &str,
+    lease_id: &str,
+    lease_expires_at: i64,
+    now: i64,
+) -> Result<bool> {
+    let result = sqlx::query(
+        "UPDATE message SET lease_expires_at = ?
+         WHERE message_id = ? AND recipient = ? AND state = 'claimed' AND lease_id = ? AND lease_expires_at > ?",
+    )
+    .bind(lease_expires_at)
+    .bind(message_id)
+    .bind(recipient)
+    .bind(lease_id)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Puts a dead letter back in the queue with a fresh delivery budget; false when it is not dead.
+pub async fn replay(
+    conn: &mut SqliteConnection,
+    recipient: &str,
+    message_id: &str,
+    now: i64,
+) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE message
+         SET state = 'queued', delivery_count = 0, visible_at = ?, lease_id = NULL,
+             lease_expires_at = NULL, finished_at = NULL
+         WHERE message_id = ? AND recipient = ? AND state = 'dead'
+         RETURNING priority",
+    )
+    .bind(now)
+    .bind(message_id)
+    .bind(recipient)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// A message whose lease ran out, as the reaper left it.
+pub struct Reaped {
+    pub message_id: String,
+    pub recipient: String,
+    pub sender: String,
+    pub priority: i64,
+    pub state: String,
+    pub delivery_count: i64,
+}
+
+/// Ends up to `batch` expired leases: back to the queue, or to the dead letters after
+/// `max_deliveries`.
+pub async fn reap_expired(
+    conn: &mut SqliteConnection,
+    max_deliveries: u32,
+    now: i64,
+    batch: u32,
+) -> Result<Vec<Reaped>> {
+    let rows = sqlx::query(
+        "UPDATE message
+         SET state = CASE WHEN delivery_count >= ? THEN 'dead' ELSE 'queued' END,
+             finished_at = CASE WHEN delivery_count >= ? THEN ? END,
+             visible_at = ?
+         WHERE seq IN (SELECT seq FROM message WHERE state = 'claimed' AND lease_expires_at <= ?
+                       ORDER BY lease_expires_at LIMIT ?)
+         RETURNING message_id, recipient, sender, priority, state, delivery_count",
+    )
+    .bind(max_deliveries)
+    .bind(max_deliveries)
+    .bind(now)
+    .bind(now)
+    .bind(now)
+    .bind(batch)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Reaped {
+                message_id: r.try_get("message_id")?,
+                recipient: r.try_get("recipient")?,
+                sender: r.try_get("sender")?,
+                priority: r.try_get("priority")?,
+                state: r.try_get("state")?,
+                delivery_count: r.try_get("delivery_count")?,
+            })
+        })
+        .collect()
+}
+
+/// Forgets acked messages finished before `cutoff` (a repeated ack after that is 404).
+pub async fn prune_acked(conn: &mut SqliteConnection, cutoff: i64) -> Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM message WHERE seq IN (SELECT seq FROM message WHERE state = 'acked' AND finished_at < ? LIMIT 10000)",
+    )
+    .bind(cutoff)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// A page of `recipient`'s messages in `state`, in claim order, after the cursor position
+/// `(priority, seq)`.
+pub async fn list(
+    pool: &SqlitePool,
+    recipient: &str,
+    state: &str,
+    after: (i64, i64),
+    limit: u32,
+) -> Result<Vec<MessageRow>> {
+    let rows = sqlx::query(
+        "SELECT seq, message_id, sender, recipient, message_type, content, priority, correlation_id,
+                created_at, state, delivery_count, lease_id, lease_expires_at
+         FROM message
+         WHERE recipient = ? AND state = ? AND (priority < ? OR (priority = ? AND seq > ?))
+         ORDER BY priority DESC, seq LIMIT ?",
+    )
+    .bind(recipient)
+    .bind(state)
+    .bind(after.0)
+    .bind(after.0)
+    .bind(after.1)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Looks up a stored answer to an `Idempotency-Key`.
+pub async fn idempotent_answer(
+    conn: &mut SqliteConnection,
+    scope: &str,
+    key: &str,
+) -> Result<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT body FROM idempotency WHERE scope = ? AND key = ?")
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// Stores the answer to an `Idempotency-Key` (in the same transaction as the write it answers).
+pub async fn remember_answer(
+    conn: &mut SqliteConnection,
+    scope: &str,
+    key: &str,
+    status: u16,
+    body: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO idempotency (scope, key, status, body, created_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(status)
+    .bind(body)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Forgets idempotency answers older than `cutoff`.
+pub async fn prune_idempotency(conn: &mut SqliteConnection, cutoff: i64) -> Result<u64> {
+    Ok(sqlx::query("DELETE FROM idempotency WHERE created_at < ?")
+        .bind(cutoff)
+        .execute(conn)
+        .await?
+        .rows_affected())
+}

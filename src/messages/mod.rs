@@ -1,0 +1,511 @@
+//! Durable per-agent priority queues. A 202 on send means the message is committed to the store;
+//! consumers claim → work → ack under leases. Rules:
+//!
+//! - Order: higher `priority` first, then send order, also across redeliveries.
+//! - A lease is current while its id matches and it has not run out; ack, nack and extend under
+//!   any other lease are 409, so a slow consumer can never ack someone else's delivery. A repeated
+//!   ack under the lease that acked is 204.
+//! - A lease that runs out puts the message back ([`reap_tick`]); after `max_deliveries` it moves
+//!   to the dead letters without blocking the messages behind it, until replayed.
+//! - Each send emits `new_message` on the recipient's stream, in the same transaction.
+
+pub mod db;
+pub mod routes;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+use crate::app::AppState;
+use crate::common::{Page, new_id, now_ms, rfc3339, validate_agent_id, validate_text};
+use crate::error::{Error, Result};
+use crate::events::NewEvent;
+use db::MessageRow;
+
+/// How long an acked message is remembered (a repeated ack within it is 204).
+const ACKED_RETENTION_MS: i64 = 3_600_000;
+/// How long an `Idempotency-Key` answer is kept.
+const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 3_600_000;
+
+/// A message to send.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewMessage {
+    /// The sending agent (with an agent token: must be the token's agent).
+    pub from: String,
+    /// What kind of message this is (1-128 bytes), e.g. `task.request`.
+    pub message_type: String,
+    /// Any JSON, at most the configured content limit (256 KiB by default) when serialized.
+    #[schema(value_type = Object)]
+    pub content: Box<RawValue>,
+    /// 0 (lowest, default) to 9 (highest).
+    #[serde(default)]
+    pub priority: u8,
+    /// Ties related messages together (at most 256 bytes).
+    pub correlation_id: Option<String>,
+}
+
+/// The answer to a send.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SendReceipt {
+    pub message_id: String,
+    /// Whether the recipient is present (heartbeating) right now; the message waits either way.
+    pub recipient_online: bool,
+}
+
+/// A claim request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    /// How many messages at most (1-100, default 10).
+    #[serde(default = "default_claim_limit")]
+    #[schema(default = 10)]
+    pub limit: u32,
+    /// Seconds the lease lasts before the message is delivered again (1-43 200, default 30).
+    #[serde(default = "default_visibility")]
+    #[schema(default = 30)]
+    pub visibility_timeout_s: u32,
+    /// Ack the messages as they are handed out (at-most-once).
+    #[serde(default)]
+    pub auto_ack: bool,
+}
+
+impl Default for ClaimRequest {
+    fn default() -> Self {
+        ClaimRequest {
+            limit: default_claim_limit(),
+            visibility_timeout_s: default_visibility(),
+            auto_ack: false,
+        }
+    }
+}
+
+fn default_claim_limit() -> u32 {
+    10
+}
+fn default_visibility() -> u32 {
+    30
+}
+
+/// Claimed messages, in claim order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Claimed {
+    pub messages: Vec<Message>,
+}
+
+/// A queued message.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Message {
+    pub message_id: String,
+    pub from: String,
+    pub to: String,
+    pub message_type: String,
+    #[schema(value_type = Object)]
+    pub content: Box<RawValue>,
+    pub priority: i64,
+    pub correlation_id: Option<String>,
+    pub created_at: String,
+    /// `queued`, `claimed`, `acked` or `dead`.
+    pub state: String,
+    pub delivery_count: i64,
+    pub lease_id: Option<String>,
+    pub lease_expires_at: Option<String>,
+}
+
+impl Message {
+    fn from_row(row: MessageRow) -> Result<Message> {
+        let holds_lease = row.state == "claimed";
+        Ok(Message {
+            content: RawValue::from_string(row.content)
+                .map_err(|e| Error::Internal(e.to_string()))?,
+            message_id: row.message_id,
+            from: row.sender,
+            to: row.recipient,
+            message_type: row.message_type,
+            priority: row.priority,
+            correlation_id: row.correlation_id,
+            created_at: rfc3339(row.created_at),
+            state: row.state,
+            delivery_count: row.delivery_count,
+            lease_id: row.lease_id.filter(|_| holds_lease),
+            lease_expires_at: row.lease_expires_at.filter(|_| holds_lease).map(rfc3339),
+        })
+    }
+}
+
+/// `{lease_id}`: ack.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub lease_id: String,
+}
+
+/// `{lease_id, delay_s?}`: nack.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Nack {
+    pub lease_id: String,
+    /// Seconds before the message may be claimed again (0-43 200, default 0).
+    #[serde(default)]
+    pub delay_s: u32,
+}
+
+/// `{lease_id, visibility_timeout_s}`: extend.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Extend {
+    pub lease_id: String,
+    /// The lease now ends this many seconds from now (1-43 200).
+    pub visibility_timeout_s: u32,
+}
+
+/// `GET /v1/agents/{agent_id}/messages` filters.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct MessageQuery {
+    /// `queued` (default), `claimed` or `dead`.
+    pub state: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+fn check_visibility(field: &str, seconds: u32) -> Result<()> {
+    if !(1..=43_200).contains(&seconds) {
+        return Err(Error::invalid(field, "must be 1-43200 seconds"));
+    }
+    Ok(())
+}
+
+/// Sends a message; the answer is durable once this returns.
+pub async fn send(
+    state: &AppState,
+    to: &str,
+    new: NewMessage,
+    idempotency_key: Option<&str>,
+) -> Result<SendReceipt> {
+    validate_agent_id("to", to)?;
+    validate_agent_id("from", &new.from)?;
+    validate_text("message_type", &new.message_type, 128)?;
+    if new.priority > 9 {
+        return Err(Error::invalid("priority", "must be 0-9"));
+    }
+    if let Some(correlation_id) = &new.correlation_id {
+        validate_text("correlation_id", correlation_id, 256)?;
+    }
+    let max = state.config.limits.max_content_bytes as usize;
+    if new.content.get().len() > max {
+        return Err(Error::PayloadTooLarge(format!(
+            "content is larger than {max} bytes"
+        )));
+    }
+    if let Some(key) = idempotency_key {
+        validate_text("Idempotency-Key", key, 256)?;
+    }
+
+    let now = now_ms();
+    let recipient_online = matches!(
+        state.broker.presence(&[to], now).await.as_deref(),
+        Ok([Some(_)])
+    );
+    let scope = format!("send:{}:{to}", new.from);
+    let mut tx = state.store.begin().await?;
+    if let Some(key) = idempotency_key
+        && let Some(body) = db::idempotent_answer(tx.conn(), &scope, key).await?
+    {
+        return serde_json::from_str(&body).map_err(|e| Error::Internal(e.to_string()));
+    }
+    let cap = state.config.limits.max_queued_per_agent;
+    if db::pending_count(tx.conn(), to, cap).await? >= cap {
+        return Err(Error::TooManyRequests(format!(
+            "queue full: {to:?} already has {cap} waiting messages"
+        )));
+    }
+    let message_id = new_id("msg");
+    db::insert(
+        tx.conn(),
+        &db::Insert {
+            message_id: &message_id,
+            sender: &new.from,
+            recipient: to,
+            message_type: &new.message_type,
+            content: new.content.get(),
+            priority: new.priority,
+            correlation_id: new.correlation_id.as_deref(),
+            now,
+        },
+    )
+    .await?;
+    tx.emit(
+        NewEvent::new(
+            "messages",
+            "new_message",
+            json!({
+                "message_id": message_id, "from": new.from, "to": to, "priority": new.priority,
+                "message_type": new.message_type, "correlation_id": new.correlation_id,
+            }),
+        )
+        .to_agent(to),
+    )
+    .await?;
+    let receipt = SendReceipt {
+        message_id,
+        recipient_online,
+    };
+    if let Some(key) = idempotency_key {
+        let body = serde_json::to_string(&receipt).map_err(|e| Error::Internal(e.to_string()))?;
+        db::remember_answer(tx.conn(), &scope, key, 202, &body, now).await?;
+    }
+    tx.commit(&state.broker).await?;
+    Ok(receipt)
+}
+
+/// Claims messages under a fresh lease.
+pub async fn claim(state: &AppState, agent_id: &str, request: ClaimRequest) -> Result<Claimed> {
+    validate_agent_id("agent_id", agent_id)?;
+    if !(1..=100).contains(&request.limit) {
+        return Err(Error::invalid("limit", "must be 1-100"));
+    }
+    check_visibility("visibility_timeout_s", request.visibility_timeout_s)?;
+    let now = now_ms();
+    let lease_id = new_id("lse");
+    let expires = now + i64::from(request.visibility_timeout_s) * 1000;
+    let mut tx = state.store.begin().await?;
+    let rows = db::claim(
+        tx.conn(),
+        agent_id,
+        request.limit,
+        &lease_id,
+        expires,
+        request.auto_ack,
+        now,
+    )
+    .await?;
+    tx.commit(&state.broker).await?;
+    let messages = rows
+        .into_iter()
+        .map(Message::from_row)
+        .collect::<Result<_>>()?;
+    Ok(Claimed { messages })
+}
+
+/// Explains why a lease operation on `message_id` found no current lease.
+async fn refusal(
+    tx: &mut crate::store::Writer,
+    agent_id: &str,
+    message_id: &str,
+    lease_id: &str,
+) -> Result<Error> {
+    let Some(current) = db::lease_state(tx.conn(), agent_id, message_id).await? else {
+        return Ok(Error::NotFound(format!(
+            "no message {message_id:?} in {agent_id:?}'s queue"
+        )));
+    };
+    let ours = current.lease_id.as_deref() == Some(lease_id);
+    Ok(Error::Conflict(match current.state.as_str() {
+        "acked" => "the message was acked under another lease".to_owned(),
+        "dead" => "the message is in the dead letters".to_owned(),
+        "claimed" if ours => format!(
+            "the lease ran out at {}; the message will be delivered again",
+            rfc3339(current.lease_expires_at.unwrap_or_default())
+        ),
+        "claimed" => "stale lease: the message was delivered again since".to_owned(),
+        _ => "stale lease: the message is back in the queue".to_owned(),
+    }))
+}
+
+/// Acks a message; a repeated ack under the same lease is a success too.
+pub async fn ack(state: &AppState, agent_id: &str, message_id: &str, body: Ack) -> Result<()> {
+    validate_agent_id("agent_id", agent_id)?;
+    let now = now_ms();
+    let mut tx = state.store.begin().await?;
+    if db::ack(tx.conn(), agent_id, message_id, &body.lease_id, now).await? {
+        return tx.commit(&state.broker).await;
+    }
+    if let Some(current) = db::lease_state(tx.conn(), agent_id, message_id).await?
+        && current.state == "acked"
+        && current.lease_id.as_deref() == Some(body.lease_id.as_str())
+    {
+        return Ok(());
+    }
+    Err(refusal(&mut tx, agent_id, message_id, &body.lease_id).await?)
+}
+
+/// Gives a message back: it returns to its old place in the queue (after `delay_s`).
+pub async fn nack(state: &AppState, agent_id: &str, message_id: &str, body: Nack) -> Result<()> {
+    validate_agent_id("agent_id", agent_id)?;
+    if body.delay_s > 43_200 {
+        return Err(Error::invalid("delay_s", "must be 0-43200 seconds"));
+    }
+    let now = now_ms();
+    let visible_at = now + i64::from(body.delay_s) * 1000;
+    let max = state.config.limits.max_deliveries;
+    let mut tx = state.store.begin().await?;
+    match db::nack(
+        tx.conn(),
+        agent_id,
+        message_id,
+        &body.lease_id,
+        visible_at,
+        max,
+        now,
+    )
+    .await?
+    {
+        Some(new_state) => {
+            if new_state == "dead" {
+                tx.emit(dead_lettered(agent_id, message_id, i64::from(max)))
+                    .await?;
+            }
+            tx.commit(&state.broker).await
+        }
+        None => Err(refusal(&mut tx, agent_id, message_id, &body.lease_id).await?),
+    }
+}
+
+/// Keeps a lease alive for `visibility_timeout_s` more seconds.
+pub async fn extend(
+    state: &AppState,
+    agent_id: &str,
+    message_id: &str,
+    body: Extend,
+) -> Result<()> {
+    validate_agent_id("agent_id", agent_id)?;
+    check_visibility("visibility_timeout_s", body.visibility_timeout_s)?;
+    let now = now_ms();
+    let expires = now + i64::from(body.visibility_timeout_s) * 1000;
+    let mut tx = state.store.begin().await?;
+    if db::extend(
+        tx.conn(),
+        agent_id,
+        message_id,
+        &body.lease_id,
+        expires,
+        now,
+    )
+    .await?
+    {
+        return tx.commit(&state.broker).await;
+    }
+    Err(refusal(&mut tx, agent_id, message_id, &body.lease_id).await?)
+}
+
+/// Puts a dead letter back in the queue with a fresh delivery budget.
+pub async fn replay(state: &AppState, agent_id: &str, message_id: &str) -> Result<()> {
+    validate_agent_id("agent_id", agent_id)?;
+    let mut tx = state.store.begin().await?;
+    match db::replay(tx.conn(), agent_id, message_id, now_ms()).await? {
+        Some(priority) => {
+            tx.emit(
+                NewEvent::new(
+                    "messages",
+                    "new_message",
+                    json!({"message_id": message_id, "to": agent_id, "priority": priority, "replayed": true}),
+                )
+                .to_agent(agent_id),
+            )
+            .await?;
+            tx.commit(&state.broker).await
+        }
+        None => match db::lease_state(tx.conn(), agent_id, message_id).await? {
+            None => Err(Error::NotFound(format!(
+                "no message {message_id:?} in {agent_id:?}'s queue"
+            ))),
+            Some(current) => Err(Error::Conflict(format!(
+                "only dead letters can be replayed; this message is {}",
+                current.state
+            ))),
+        },
+    }
+}
+
+/// A page of an agent's messages in one state, in claim order. Claims nothing.
+pub async fn list(state: &AppState, agent_id: &str, query: MessageQuery) -> Result<Page<Message>> {
+    validate_agent_id("agent_id", agent_id)?;
+    let wanted = query.state.as_deref().unwrap_or("queued");
+    if !["queued", "claimed", "dead"].contains(&wanted) {
+        return Err(Error::invalid("state", "one of queued, claimed, dead"));
+    }
+    let page = crate::common::PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    };
+    let limit = page.limit(state.config.limits.max_page_size)?;
+    let after = match page.cursor.as_deref() {
+        None => (10, 0),
+        Some(cursor) => cursor
+            .split_once('.')
+            .and_then(|(p, s)| Some((p.parse().ok()?, s.parse().ok()?)))
+            .ok_or_else(|| Error::invalid("cursor", "not a cursor this endpoint issued"))?,
+    };
+    let rows = db::list(state.store.reader(), agent_id, wanted, after, limit + 1).await?;
+    let cursors: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{}.{}", r.priority, r.seq))
+        .collect();
+    let mut items = rows
+        .into_iter()
+        .map(Message::from_row)
+        .collect::<Result<Vec<_>>>()?;
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let next_cursor = more.then(|| cursors[limit as usize - 1].clone());
+    Ok(Page { items, next_cursor })
+}
+
+fn dead_lettered(agent_id: &str, message_id: &str, delivery_count: i64) -> NewEvent {
+    NewEvent::new(
+        "messages",
+        "message.dead_lettered",
+        json!({"message_id": message_id, "to": agent_id, "delivery_count": delivery_count}),
+    )
+    .to_agent(agent_id)
+}
+
+/// What one reaper step did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reaped {
+    pub redelivered: usize,
+    pub dead_lettered: usize,
+}
+
+/// One step of the lease reaper: expired leases go back to the queue (the recipient's stream is
+/// told `new_message` again) or, past `max_deliveries`, to the dead letters.
+pub async fn reap_tick(state: &AppState, now: i64) -> Result<Reaped> {
+    let mut outcome = Reaped::default();
+    let mut tx = state.store.begin().await?;
+    let reaped = db::reap_expired(tx.conn(), state.config.limits.max_deliveries, now, 1000).await?;
+    for m in &reaped {
+        if m.state == "dead" {
+            outcome.dead_lettered += 1;
+            tx.emit(dead_lettered(&m.recipient, &m.message_id, m.delivery_count))
+                .await?;
+        } else {
+            outcome.redelivered += 1;
+            tx.emit(
+                NewEvent::new(
+                    "messages",
+                    "new_message",
+                    json!({
+                        "message_id": m.message_id, "from": m.sender, "to": m.recipient,
+                        "priority": m.priority, "redelivered": true, "delivery_count": m.delivery_count,
+                    }),
+                )
+                .to_agent(&m.recipient),
+            )
+            .await?;
+        }
+    }
+    tx.commit(&state.broker).await?;
+    Ok(outcome)
+}
+
+/// Housekeeping: forgets acked messages and idempotency answers past their retention.
+pub async fn prune_tick(state: &AppState, now: i64) -> Result<u64> {
+    let mut tx = state.store.begin().await?;
+    let pruned = db::prune_acked(tx.conn(), now - ACKED_RETENTION_MS).await?
+        + db::prune_idempotency(tx.conn(), now - IDEMPOTENCY_RETENTION_MS).await?;
+    tx.commit(&state.broker).await?;
+    Ok(pruned)
+}

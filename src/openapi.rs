@@ -1,0 +1,51 @@
+//! The OpenAPI document, generated from the handlers' annotations. `openapi/openapi.json` in the
+//! repository is this document; a test fails when they differ (`ltmc openapi > openapi/openapi.json`).
+
+use utoipa::OpenApi;
+
+use crate::{agents, common, error, events, messages, ops};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "ltmc",
+        description = "Real-time coordination for AI agents: registry, durable priority messaging, live streams.\n\n\
+Errors are `application/problem+json`. Auth: `Authorization: Bearer <token>` (admin, read or agent token); \
+WebSocket streams also take the subprotocol `bearer.<token>`.",
+        license(name = "MIT OR Apache-2.0"),
+    ),
+    paths(
+        agents::routes::register, agents::routes::list, agents::routes::get_agent,
+        agents::routes::heartbeat, agents::routes::delete,
+        messages::routes::send, messages::routes::list, messages::routes::claim,
+        messages::routes::ack, messages::routes::nack, messages::routes::extend, messages::routes::replay,
+        events::stream::agent_stream, events::stream::firehose,
+        ops::healthz, ops::readyz, ops::openapi,
+    ),
+    components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The document as pretty JSON with a trailing newline (the committed file's exact form).
+pub fn document() -> String {
+    let mut json = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    json.push('\n');
+    json
+}
