@@ -11,6 +11,7 @@
 //! Commands use a deadpool-redis pool with short timeouts: while Redis is down, calls fail fast
 //! with 503 instead of hanging requests.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub struct RedisBroker {
     publish_tx: mpsc::Sender<Event>,
     publish_rx: Mutex<Option<mpsc::Receiver<Event>>>,
     take_expired: redis::Script,
+    /// Whether the pattern subscription is established (readiness).
+    subscribed: AtomicBool,
 }
 
 fn unavailable(error: impl std::fmt::Display) -> Error {
@@ -79,6 +82,7 @@ impl RedisBroker {
             publish_tx,
             publish_rx: Mutex::new(Some(publish_rx)),
             take_expired: redis::Script::new(TAKE_EXPIRED),
+            subscribed: AtomicBool::new(false),
         })
     }
 
@@ -168,6 +172,7 @@ impl RedisBroker {
                     Ok(()) => {
                         tracing::info!(%pattern, "redis subscription established");
                         backoff = Duration::from_millis(50);
+                        self.subscribed.store(true, Ordering::Release);
                         // Anything published while we were away is in the log: streams re-read it.
                         hub.resync();
                         let mut messages = pubsub.on_message();
@@ -185,6 +190,7 @@ impl RedisBroker {
                                 },
                             }
                         }
+                        self.subscribed.store(false, Ordering::Release);
                         tracing::warn!("redis subscription lost; reconnecting");
                     }
                     Err(e) => tracing::warn!(error = %e, "redis psubscribe failed"),

@@ -259,7 +259,8 @@ async fn serve(
         .subscribe(interest.clone(), state.config.limits.stream_buffer as usize);
     let end: Result<std::convert::Infallible, End> = async {
         let mut last_seq = match since {
-            None => 0,
+            // Live from now: a later resync must not replay history this client never asked for.
+            None => db::latest_seq(state.store.reader()).await.map_err(|_| End::Close(1011, "store unavailable"))?,
             Some(since) => {
                 let recovered = since >= db::pruned_through(state.store.reader()).await.map_err(|_| End::Close(1011, "store unavailable"))?;
                 send(&mut socket, json!({"type": "resumed", "recovered": recovered, "since": since}).to_string()).await?;

@@ -272,15 +272,13 @@ pub async fn reap_expired(
     let rows = sqlx::query(
         "UPDATE message
          SET state = CASE WHEN delivery_count >= ? THEN 'dead' ELSE 'queued' END,
-             finished_at = CASE WHEN delivery_count >= ? THEN ? END,
-             visible_at = ?
+             finished_at = CASE WHEN delivery_count >= ? THEN ? END
          WHERE seq IN (SELECT seq FROM message WHERE state = 'claimed' AND lease_expires_at <= ?
                        ORDER BY lease_expires_at LIMIT ?)
          RETURNING message_id, recipient, sender, priority, state, delivery_count",
     )
     .bind(max_deliveries)
     .bind(max_deliveries)
-    .bind(now)
     .bind(now)
     .bind(now)
     .bind(batch)

@@ -1,0 +1,11 @@
+//! The integration suite: one binary, the real server over HTTP and WebSocket, each test against
+//! both brokers (the in-process one and a real Redis).
+
+mod harness;
+
+mod agents;
+mod auth;
+mod faults;
+mod inputs;
+mod messages;
+mod streams;
