@@ -37,6 +37,8 @@ pub struct AppState {
     pub broker: Broker,
     pub hub: Arc<Hub>,
     pub stream_slots: Arc<StreamSlots>,
+    /// Where sends and acks queue for their group commit.
+    pub batcher: messages::batch::Batcher,
     /// Cancelled when the service stops: loops and streams select on it.
     pub shutdown: CancellationToken,
     /// Streams and loops hold a token of it, so shutdown can wait for them.
@@ -47,6 +49,7 @@ pub struct AppState {
 pub struct App {
     state: AppState,
     listener: TcpListener,
+    committer: messages::batch::Committer,
 }
 
 impl App {
@@ -60,16 +63,28 @@ impl App {
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|e| Error::Internal(format!("cannot listen on {}: {e}", config.bind)))?;
+        // The hub dispatches what is committed from here on.
+        let last_seq = events::db::latest_seq(store.reader()).await?;
+        let (batcher, committer) = messages::batch::channel(
+            store.clone(),
+            broker.clone(),
+            config.limits.max_queued_per_agent,
+        );
         let state = AppState {
             config: Arc::new(config),
             store,
             broker,
-            hub: Hub::new(),
+            hub: Hub::new(last_seq),
             stream_slots: Arc::default(),
+            batcher,
             shutdown,
             tracker: TaskTracker::new(),
         };
-        Ok(App { state, listener })
+        Ok(App {
+            state,
+            listener,
+            committer,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -85,9 +100,17 @@ impl App {
     /// Serves until the shutdown token is cancelled: in-flight requests finish, streams close
     /// with 1012, loops stop at a safe point, queued events are flushed to the broker.
     pub async fn run(self) -> Result<()> {
-        let App { state, listener } = self;
+        let App {
+            state,
+            listener,
+            committer,
+        } = self;
         let shutdown = state.shutdown.clone();
         let tracker = state.tracker.clone();
+        // The committer outlives the server: requests still in flight at the stop signal get
+        // their commits; it is stopped only once the server has answered them all.
+        let stop_committing = CancellationToken::new();
+        let committing = tokio::spawn(committer.run(stop_committing.clone()));
         {
             let (s, b) = (state.clone(), state.broker.clone());
             tracker
@@ -104,6 +127,10 @@ impl App {
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
             .map_err(|e| Error::Internal(format!("server: {e}")))?;
+        stop_committing.cancel();
+        if let Err(e) = committing.await {
+            tracing::error!(error = %e, "the committer failed");
+        }
         tracker.close();
         tracker.wait().await;
         state.store.close().await;

@@ -57,11 +57,11 @@ pub struct Config {
     pub key_prefix: String,
 
     /// Admin token (may do everything). Setting any token turns auth on.
-    #[arg(long, env = "LTMC_ADMIN_TOKEN", value_parser = parse_token, hide_env_values = true, global = true)]
+    #[arg(long, env = "LTMC_ADMIN_TOKEN", value_parser = TokenParser, hide_env_values = true, global = true)]
     pub admin_token: Option<String>,
 
     /// Read token (every GET and the event streams).
-    #[arg(long, env = "LTMC_READ_TOKEN", value_parser = parse_token, hide_env_values = true, global = true)]
+    #[arg(long, env = "LTMC_READ_TOKEN", value_parser = TokenParser, hide_env_values = true, global = true)]
     pub read_token: Option<String>,
 
     /// Allow listening on a non-loopback address with auth off.
@@ -200,6 +200,36 @@ fn parse_key_prefix(value: &str) -> Result<String, String> {
         return Err("1-64 characters, no spaces and no '*'".into());
     }
     Ok(value.to_owned())
+}
+
+/// Parses a token without ever repeating it: clap's own error for a rejected value quotes the
+/// value, and a rejected token may still be a real secret (one with a stray newline, say) that
+/// must not end up in logs.
+#[derive(Clone)]
+struct TokenParser;
+
+impl clap::builder::TypedValueParser for TokenParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let checked = value
+            .to_str()
+            .ok_or_else(|| "tokens must be printable ASCII without spaces".to_owned())
+            .and_then(parse_token);
+        checked.map_err(|reason| {
+            let name = arg.map_or_else(|| "token".to_owned(), ToString::to_string);
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{name}': {reason}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
 }
 
 fn parse_token(value: &str) -> Result<String, String> {

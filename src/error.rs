@@ -3,6 +3,7 @@
 //! path, query) are converted here too, so a client sees one body shape for every 4xx. A 5xx is
 //! logged with its whole source chain and never shows internals to the client.
 
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderValue, StatusCode, header, request::Parts};
@@ -157,7 +158,14 @@ impl IntoResponse for Error {
         if self.status().is_server_error() {
             tracing::error!(error = %source_chain(&self), "request failed");
         }
-        problem_response(self.problem())
+        let mut response = problem_response(self.problem());
+        if let Error::Unauthorized(_) = self {
+            // A 401 names the scheme it wants (RFC 9110 §11.6.1).
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 
@@ -181,6 +189,16 @@ impl From<JsonRejection> for Error {
                 let (field, message) = match message.split_once(": ") {
                     Some((path, rest)) if !path.contains(' ') => (path.to_owned(), rest.to_owned()),
                     _ => ("body".to_owned(), message.to_owned()),
+                };
+                // A missing field is named only in the message ("missing field `lease_id` …"),
+                // the path being its parent's: name the field itself.
+                let field = match message
+                    .strip_prefix("missing field `")
+                    .and_then(|rest| rest.split_once('`'))
+                {
+                    Some((name, _)) if field == "body" => name.to_owned(),
+                    Some((name, _)) => format!("{field}.{name}"),
+                    None => field,
                 };
                 Error::Validation(vec![FieldError { field, message }])
             }
@@ -221,16 +239,16 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let empty = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|len| len.as_bytes() == b"0")
-            || (!req.headers().contains_key(header::CONTENT_TYPE)
-                && !req.headers().contains_key(header::TRANSFER_ENCODING)
-                && !req.headers().contains_key(header::CONTENT_LENGTH));
-        if empty {
+        // Whether there is a body is decided by the body itself, not by headers: clients send
+        // an empty body with `Content-Type: application/json` and without `Content-Length`.
+        let (parts, body) = req.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(JsonRejection::from)?;
+        if bytes.is_empty() {
             return Ok(OptionalJson(T::default()));
         }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         let Json(value) = Json::<T>::from_request(req, state).await?;
         Ok(OptionalJson(value))
     }

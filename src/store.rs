@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -80,6 +81,12 @@ impl Store {
         })
     }
 
+    /// The write connection for one autocommit statement that emits no event (a claim): no
+    /// transaction round trips, no order lock.
+    pub async fn autocommit(&self) -> Result<PoolConnection<Sqlite>> {
+        Ok(self.write.acquire().await?)
+    }
+
     /// A cheap liveness probe for `/readyz`.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
@@ -110,6 +117,16 @@ impl Writer {
     pub async fn emit(&mut self, event: NewEvent) -> Result<()> {
         let event = events::db::append(&mut self.tx, event).await?;
         self.events.push(event);
+        Ok(())
+    }
+
+    /// Appends many events in one statement; they are published after commit, in order.
+    pub async fn emit_many(&mut self, events: Vec<NewEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let appended = events::db::append_many(&mut self.tx, events).await?;
+        self.events.extend(appended);
         Ok(())
     }
 

@@ -259,6 +259,11 @@ pub async fn list(state: &AppState, query: AgentQuery) -> Result<Page<Agent>> {
     {
         return Err(Error::invalid("status", "one of available, busy, offline"));
     }
+    // The cursor is the last agent id of the previous page.
+    if let Some(cursor) = &page.cursor {
+        validate_agent_id("cursor", cursor)
+            .map_err(|_| Error::invalid("cursor", "not a cursor this endpoint issued"))?;
+    }
     let mut cursor = page.cursor.unwrap_or_default();
     let mut items = Vec::new();
     // A status filter is applied after the presence lookup, so keep reading until the page is

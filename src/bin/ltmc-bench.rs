@@ -1,1 +1,752 @@
-fn main() {}
+//! `ltmc-bench`: a load generator for an `ltmc` server, shipped beside it the
+//! way `redis-benchmark` ships beside `redis-server`.
+//!
+//! It drives one server's public HTTP/WebSocket API (`--url`) and prints a
+//! throughput/latency table. Every run is bounded: an uncounted 1 s warm-up,
+//! `--duration-s` measured seconds, then at most 5 s to drain work in flight.
+//! Agents are named `{prefix}{i}` and registered first. Latencies are kept in
+//! HdrHistograms at microsecond resolution.
+//!
+//! Scenarios:
+//! - `send`: POST messages to `--agents` recipients round-robin. `--rate 0`
+//!   runs `--concurrency` workers back to back (maximum throughput); `--rate N`
+//!   sends on a fixed timetable of N/s (open loop) and measures latency from
+//!   each *scheduled* time, so stalls are not hidden (no coordinated omission).
+//! - `roundtrip`: `send`, plus one consumer per agent that claims (limit 32,
+//!   visibility 30 s) and acks each message, a batch's acks concurrently.
+//!   End-to-end latency runs from the scheduled send, carried in the content,
+//!   to the completed ack. Consumers poll, backing off from 1 to 20 ms while
+//!   idle. At `--rate 0` producers may outrun consumers: use `--rate` for
+//!   end-to-end latency.
+//! - `notify`: open `--streams` WebSockets (one per agent), then send at
+//!   `--rate` (default 1000/s, open loop) to random agents among them. Latency
+//!   runs from just before the POST to the matching `new_message` frame.
+//! - `connections`: open `--streams` idle WebSockets (one per agent), hold them
+//!   `--duration-s`, and report the opening time and the server's RSS
+//!   (`VmRSS` of `--server-pid`) before and after opening.
+//!
+//! A row's `ok` and latencies cover operations *started* in the measured window;
+//! `errors` are those started there that failed or were unfinished when the
+//! drain ended (end-to-end, notify: accepted messages never acked or announced;
+//! open-loop sends: also messages due in the window but never sent). `rate/s`
+//! is `ok / secs`. Failures are listed by cause below the table.
+//! Thousands of sockets need `ulimit -n 65536` on both sides.
+//!
+//! ```text
+//! ltmc-bench send
+//! ltmc-bench send --rate 5000 --agents 50 --duration-s 30
+//! ltmc-bench roundtrip --rate 2000 --token "$LTMC_ADMIN_TOKEN"
+//! ltmc-bench notify --streams 1000 --rate 1000
+//! ltmc-bench connections --streams 10000 --server-pid "$(pidof ltmc)"
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::error::Error;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Parser, ValueEnum};
+use futures_util::{StreamExt, future::join_all, stream};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+const WARMUP: Duration = Duration::from_secs(1);
+const DRAIN: Duration = Duration::from_secs(5);
+const OPEN_LIMIT: Duration = Duration::from_secs(60);
+const CLAIM_LIMIT: usize = 32;
+const MIN_POLL: Duration = Duration::from_millis(1);
+const MAX_POLL: Duration = Duration::from_millis(20);
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Stop = watch::Receiver<bool>;
+
+#[derive(Parser)]
+#[command(
+    name = "ltmc-bench",
+    version,
+    about = "Load generator for an ltmc server"
+)]
+struct Args {
+    /// What to measure.
+    scenario: Scenario,
+    /// Base URL of the server.
+    #[arg(long, env = "LTMC_BENCH_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Bearer token for every request and stream (use an admin token).
+    #[arg(long, env = "LTMC_BENCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Measured seconds of load (connections: seconds to hold the streams).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    duration_s: u64,
+    /// Offered messages/s in total, 0 = as fast as possible [default: 0, notify: 1000].
+    #[arg(long)]
+    rate: Option<u64>,
+    /// HTTP requests in flight from producers; also caps acks in flight,
+    /// parallel registrations and parallel stream handshakes.
+    #[arg(long, default_value_t = 64, value_parser = positive())]
+    concurrency: usize,
+    /// Recipient agents (send, roundtrip).
+    #[arg(long, default_value_t = 100, value_parser = positive())]
+    agents: usize,
+    /// Length in bytes of each message's content string.
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+    /// Agent id prefix [default: bench<pid>-<n>-].
+    #[arg(long)]
+    prefix: Option<String>,
+    /// WebSocket streams, one per agent [default: notify 1000, connections 10000].
+    #[arg(long, value_parser = positive())]
+    streams: Option<usize>,
+    /// Pid of the server process, to report its RSS (connections).
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Scenario {
+    Send,
+    Roundtrip,
+    Notify,
+    Connections,
+}
+
+/// One table row: operations started in the measured window, and the
+/// latencies (µs) of those that succeeded.
+struct Row(Mutex<Tally>);
+
+struct Tally {
+    started: u64,
+    ok: u64,
+    hist: Histogram<u64>,
+}
+
+impl Default for Row {
+    fn default() -> Self {
+        let hist = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        let tally = Tally {
+            started: 0,
+            ok: 0,
+            hist,
+        };
+        Row(Mutex::new(tally))
+    }
+}
+
+impl Row {
+    fn begin(&self, counted: bool) {
+        if counted {
+            lock(&self.0).started += 1;
+        }
+    }
+
+    fn done(&self, counted: bool, latency: Duration) {
+        if counted {
+            let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+            let mut t = lock(&self.0);
+            t.ok += 1;
+            t.hist.saturating_record(micros);
+        }
+    }
+}
+
+/// Warm-up starts at `start`, the zero of message timestamps; operations
+/// starting in `measure..end` count.
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    measure: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn new(duration_s: u64) -> Self {
+        let start = Instant::now();
+        let measure = start + WARMUP;
+        let end = measure + Duration::from_secs(duration_s);
+        Window {
+            start,
+            measure,
+            end,
+        }
+    }
+
+    fn counts(&self, t: Instant) -> bool {
+        self.measure <= t && t < self.end
+    }
+
+    fn secs(&self) -> f64 {
+        (self.end - self.measure).as_secs_f64()
+    }
+}
+
+/// Notify: the half of a message's story heard first, its send (POST start,
+/// whether it counts) or its frame (arrival time), waiting for the other half.
+enum Seen {
+    Sent(Instant, bool),
+    Frame(Instant),
+}
+
+#[derive(Deserialize)]
+struct Accepted {
+    message_id: String,
+}
+
+#[derive(Deserialize)]
+struct Claimed {
+    messages: Vec<Leased>,
+}
+
+#[derive(Deserialize)]
+struct Leased {
+    message_id: String,
+    lease_id: String,
+    #[serde(default)]
+    content: Value,
+}
+
+#[derive(Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    message_id: String,
+}
+
+/// What the run measures and counts, shared by all its tasks.
+#[derive(Default)]
+struct Stats {
+    send: Row,
+    claim: Row,
+    ack: Row,
+    /// Messages acked (roundtrip) or announced on their stream (notify).
+    e2e: Row,
+    connect: Row,
+    /// Number of the next message to send.
+    next: AtomicU64,
+    /// Messages accepted by the server, warm-up and drain included.
+    accepted: AtomicU64,
+    /// Accepted messages not yet acked (roundtrip) or announced (notify).
+    pending: AtomicI64,
+    producers_done: AtomicBool,
+    frames: AtomicU64,
+    open_streams: AtomicUsize,
+    seen: Mutex<HashMap<String, Seen>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+struct Bench {
+    args: Args,
+    base: String,
+    auth: Option<String>,
+    http: reqwest::Client,
+    prefix: String,
+    sender: String,
+    rate: u64,
+    /// Agents the load goes to: `--agents`, or `--streams` for the stream scenarios.
+    targets: usize,
+    seed: u64,
+    st: Stats,
+}
+
+impl Bench {
+    fn new(args: Args) -> Result<Self, String> {
+        let now = UNIX_EPOCH.elapsed().unwrap_or_default();
+        let default_prefix = || format!("bench{}-{}-", std::process::id(), now.as_secs() % 100_000);
+        let prefix = args.prefix.clone().unwrap_or_else(default_prefix);
+        let valid = |c: char| c.is_ascii_alphanumeric() || "._:-".contains(c);
+        if prefix.len() > 100 || !prefix.chars().all(valid) {
+            return Err(format!(
+                "bad --prefix {prefix:?}: want 0-100 of [A-Za-z0-9._:-]"
+            ));
+        }
+        let auth = args.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(auth) = &auth {
+            let mut value = reqwest::header::HeaderValue::from_str(auth)
+                .map_err(|_| "--token holds characters not allowed in a header")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        // Keep as many idle connections as requests can be in flight, so that
+        // connections are reused instead of churned through TIME_WAIT.
+        let in_flight = match args.scenario {
+            Scenario::Roundtrip => 2 * args.concurrency + args.agents,
+            _ => args.concurrency,
+        };
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(in_flight)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {}", cause(&e)))?;
+        let (rate, targets) = match args.scenario {
+            Scenario::Send | Scenario::Roundtrip => (args.rate.unwrap_or(0), args.agents),
+            Scenario::Notify => (args.rate.unwrap_or(1000), args.streams.unwrap_or(1000)),
+            Scenario::Connections => (0, args.streams.unwrap_or(10_000)),
+        };
+        let base = args.url.trim_end_matches('/').to_owned();
+        let sender = format!("{prefix}sender");
+        let (seed, st) = (mix(now.as_nanos() as u64), Stats::default());
+        Ok(Bench {
+            args,
+            base,
+            auth,
+            http,
+            prefix,
+            sender,
+            rate,
+            targets,
+            seed,
+            st,
+        })
+    }
+
+    fn agent(&self, i: usize) -> String {
+        format!("{}{i}", self.prefix)
+    }
+
+    fn fail(&self, what: &str, err: String) {
+        let key = format!("{what}: {err}");
+        *lock(&self.st.errors).entry(key).or_default() += 1;
+    }
+
+    async fn health(&self) -> Result<(), String> {
+        let request = self.http.get(format!("{}/healthz", self.base));
+        let resp = request.timeout(Duration::from_secs(3)).send().await;
+        match resp.map_err(|e| cause(&e))?.status() {
+            s if s.is_success() => Ok(()),
+            s => Err(format!("GET /healthz answered {s}")),
+        }
+    }
+
+    /// POSTs JSON; a non-2xx status is an error named by status and problem title.
+    async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response, String> {
+        let request = self.http.post(format!("{}{path}", self.base)).json(body);
+        let resp = request.send().await.map_err(|e| cause(&e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let problem = resp.json::<Value>().await.unwrap_or_default();
+        match problem.get("title").and_then(Value::as_str) {
+            Some(title) if Some(title) != status.canonical_reason() => {
+                Err(format!("HTTP {status} ({title})"))
+            }
+            _ => Err(format!("HTTP {status}")),
+        }
+    }
+
+    async fn post_json<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T, String> {
+        let resp = self.post(path, body).await?;
+        let reply = resp.json().await;
+        reply.map_err(|e| format!("bad reply: {}", cause(&e)))
+    }
+
+    /// Registers the sender and agents `0..n`, `--concurrency` at a time.
+    async fn register(&self, n: usize) -> Result<(), String> {
+        eprintln!("registering {n} agents {}0..{}", self.prefix, n - 1);
+        let ids = std::iter::once(self.sender.clone()).chain((0..n).map(|i| self.agent(i)));
+        let results: Vec<_> = stream::iter(ids)
+            .map(|id| async move {
+                let body = json!({"agent_id": id, "capabilities": ["bench"]});
+                self.post("/v1/agents", &body).await
+            })
+            .buffer_unordered(self.args.concurrency)
+            .collect()
+            .await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        match results.into_iter().find_map(Result::err) {
+            None => Ok(()),
+            Some(e) => Err(format!("{failed} registrations failed, e.g. {e}")),
+        }
+    }
+
+    /// Runs the producers through the window, their last sends at most into the drain.
+    async fn produce_all(self: &Arc<Self>, w: Window) {
+        let set: JoinSet<()> = (0..self.args.concurrency)
+            .map(|_| self.clone().produce(w))
+            .collect();
+        let _ = timeout_at(w.end + DRAIN, set.join_all()).await;
+        self.st.producers_done.store(true, Relaxed);
+        if self.rate > 0 {
+            // Open loop: messages due in the window that were never sent are errors too.
+            lock(&self.st.send.0).started = self.rate * self.args.duration_s;
+        }
+    }
+
+    /// A producer worker. Workers take message numbers from a shared counter;
+    /// with a rate, message `i` is due at `start + i / rate`, whoever sends it.
+    async fn produce(self: Arc<Self>, w: Window) {
+        let notify = self.args.scenario == Scenario::Notify;
+        loop {
+            let i = self.st.next.fetch_add(1, Relaxed);
+            let due = match self.rate {
+                0 => Instant::now(),
+                rate => w.start + Duration::from_secs_f64(i as f64 / rate as f64),
+            };
+            if due >= w.end {
+                return;
+            }
+            if self.rate > 0 {
+                sleep_until(due).await;
+            }
+            let start = Instant::now();
+            // The content carries the due time in whole µs since the window's
+            // start; round `due` to that, so consumers judge `counted` alike.
+            let micros = (due - w.start).as_micros();
+            let due = w.start + Duration::from_micros(micros as u64);
+            let mut content = format!("{micros} ");
+            let pad = self.args.payload_bytes.saturating_sub(content.len());
+            content.extend(std::iter::repeat_n('x', pad));
+            let k = if notify { mix(self.seed ^ i) } else { i } % self.targets as u64;
+            let path = format!("/v1/agents/{}/messages", self.agent(k as usize));
+            let body = json!({
+                "from": self.sender, "message_type": "bench", "content": content, "priority": 0,
+            });
+            let counted = w.counts(due);
+            self.st.send.begin(counted);
+            match self.post_json::<Accepted>(&path, &body).await {
+                Ok(accepted) => {
+                    self.st.send.done(counted, due.elapsed());
+                    self.st.accepted.fetch_add(1, Relaxed);
+                    self.st.pending.fetch_add(1, Relaxed);
+                    self.st.e2e.begin(counted);
+                    if notify {
+                        self.meet(accepted.message_id, Seen::Sent(start, counted));
+                    }
+                }
+                Err(e) => self.fail("send", e),
+            }
+        }
+    }
+
+    /// A roundtrip consumer of one agent: claim, ack the batch, and again, until
+    /// all that was sent is acked or the drain ends.
+    async fn consume(self: Arc<Self>, w: Window, agent: String, acks: Arc<Semaphore>) {
+        let path = format!("/v1/agents/{agent}/messages/claim");
+        let body = json!({"limit": CLAIM_LIMIT, "visibility_timeout_s": 30});
+        let mut idle = MIN_POLL;
+        while Instant::now() < w.end + DRAIN
+            && !(self.st.producers_done.load(Relaxed) && self.st.pending.load(Relaxed) <= 0)
+        {
+            let t = Instant::now();
+            self.st.claim.begin(w.counts(t));
+            let messages = match self.post_json::<Claimed>(&path, &body).await {
+                Ok(claimed) => {
+                    self.st.claim.done(w.counts(t), t.elapsed());
+                    claimed.messages
+                }
+                Err(e) => {
+                    self.fail("claim", e);
+                    Vec::new()
+                }
+            };
+            let n = messages.len();
+            join_all(messages.into_iter().map(|m| self.ack(w, &agent, m, &acks))).await;
+            // A full batch suggests more is queued: claim again at once.
+            idle = if n == 0 { idle * 2 } else { MIN_POLL }.min(MAX_POLL);
+            if n < CLAIM_LIMIT {
+                sleep(idle).await;
+            }
+        }
+    }
+
+    async fn ack(&self, w: Window, agent: &str, m: Leased, acks: &Semaphore) {
+        let _permit = acks.acquire().await;
+        let t = Instant::now();
+        self.st.ack.begin(w.counts(t));
+        let path = format!("/v1/agents/{agent}/messages/{}/ack", m.message_id);
+        if let Err(e) = self.post(&path, &json!({"lease_id": m.lease_id})).await {
+            self.fail("ack", e);
+            return;
+        }
+        let acked = Instant::now();
+        self.st.ack.done(w.counts(t), acked - t);
+        self.st.pending.fetch_sub(1, Relaxed);
+        let stamp = m.content.as_str().unwrap_or_default().split(' ').next();
+        if let Some(Ok(micros)) = stamp.map(str::parse) {
+            let sent = w.start + Duration::from_micros(micros);
+            self.st.e2e.done(w.counts(sent), acked - sent);
+        }
+    }
+
+    /// Opens streams to agents `0..n`, `--concurrency` handshakes at a time,
+    /// for at most a minute. Returns the tasks that then read them until
+    /// `stop`, and the time taken.
+    async fn open_streams(self: &Arc<Self>, n: usize, stop: &Stop) -> (JoinSet<()>, f64) {
+        eprintln!("opening {n} streams");
+        let gate = Arc::new(Semaphore::new(self.args.concurrency));
+        let mut handshakes = JoinSet::new();
+        let start = Instant::now();
+        for i in 0..n {
+            let (b, gate) = (self.clone(), gate.clone());
+            handshakes.spawn(async move {
+                let _permit = gate.acquire().await;
+                let t = Instant::now();
+                (b.connect(&b.agent(i)).await, t.elapsed())
+            });
+        }
+        lock(&self.st.connect.0).started = n as u64;
+        let mut readers = JoinSet::new();
+        while let Ok(Some(joined)) = timeout_at(start + OPEN_LIMIT, handshakes.join_next()).await {
+            match joined {
+                Ok((Ok(ws), took)) => {
+                    self.st.connect.done(true, took);
+                    self.st.open_streams.fetch_add(1, Relaxed);
+                    readers.spawn(self.clone().read(ws, stop.clone()));
+                }
+                Ok((Err(e), _)) => self.fail("stream connect", e),
+                Err(e) => self.fail("stream connect", e.to_string()),
+            }
+        }
+        for _ in 0..handshakes.len() {
+            self.fail("stream connect", "not opened within a minute".into());
+        }
+        (readers, start.elapsed().as_secs_f64())
+    }
+
+    async fn connect(&self, agent: &str) -> Result<Ws, String> {
+        let ws_base = self.base.replacen("http", "ws", 1);
+        let url = format!("{ws_base}/v1/agents/{agent}/stream");
+        let mut request = url.into_client_request().map_err(|e| cause(&e))?;
+        if let Some(auth) = &self.auth {
+            let value = http::HeaderValue::from_str(auth).map_err(|e| cause(&e))?;
+            let headers = request.headers_mut();
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
+        match timeout(Duration::from_secs(10), connect_async(request)).await {
+            Ok(Ok((ws, _))) => Ok(ws),
+            Ok(Err(e)) => Err(cause(&e)),
+            Err(_) => Err("handshake timed out".into()),
+        }
+    }
+
+    /// Reads a stream until `stop`; reading also answers the server's pings.
+    async fn read(self: Arc<Self>, mut ws: Ws, mut stop: Stop) {
+        let closed = loop {
+            let frame = tokio::select! {
+                _ = stop.changed() => {
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                frame = ws.next() => frame,
+            };
+            let at = Instant::now();
+            match frame {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<Frame>(&text) {
+                    Ok(frame) if frame.kind == "new_message" => {
+                        self.st.frames.fetch_add(1, Relaxed);
+                        self.meet(frame.message_id, Seen::Frame(at));
+                    }
+                    _ => {}
+                },
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break cause(&e),
+                None => break "closed by the server".to_owned(),
+            }
+        };
+        self.fail("stream", closed);
+        self.st.open_streams.fetch_sub(1, Relaxed);
+    }
+
+    /// Notify: pairs a message's send with its frame, whichever is heard first.
+    fn meet(&self, id: String, heard: Seen) {
+        let mut seen = lock(&self.st.seen);
+        match (seen.remove(&id), heard) {
+            (Some(Seen::Sent(start, counted)), Seen::Frame(at))
+            | (Some(Seen::Frame(at)), Seen::Sent(start, counted)) => {
+                drop(seen);
+                let latency = at.saturating_duration_since(start);
+                self.st.e2e.done(counted, latency);
+                self.st.pending.fetch_sub(1, Relaxed);
+            }
+            (_, heard) => {
+                seen.insert(id, heard);
+            }
+        }
+    }
+}
+
+/// `send` and `roundtrip`.
+async fn messages(b: Arc<Bench>) -> Result<(), String> {
+    let roundtrip = b.args.scenario == Scenario::Roundtrip;
+    b.register(b.targets).await?;
+    let w = Window::new(b.args.duration_s);
+    let mut consumers = JoinSet::new();
+    if roundtrip {
+        let acks = Arc::new(Semaphore::new(b.args.concurrency));
+        for i in 0..b.targets {
+            consumers.spawn(b.clone().consume(w, b.agent(i), acks.clone()));
+        }
+    }
+    b.produce_all(w).await;
+    let _ = timeout_at(w.end + DRAIN, consumers.join_all()).await;
+    let (st, secs) = (&b.st, w.secs());
+    header();
+    row("send", &st.send, secs);
+    if roundtrip {
+        row("claim", &st.claim, secs);
+        row("ack", &st.ack, secs);
+        row("end-to-end", &st.e2e, secs);
+    }
+    Ok(())
+}
+
+async fn notify(b: Arc<Bench>) -> Result<(), String> {
+    let n = b.targets;
+    b.register(n).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let (streams, open_secs) = b.open_streams(n, &stop_rx).await;
+    let open = b.st.open_streams.load(Relaxed);
+    if open < n {
+        return Err(format!("only {open} of {n} streams opened"));
+    }
+    let w = Window::new(b.args.duration_s);
+    b.produce_all(w).await;
+    while b.st.pending.load(Relaxed) > 0 && Instant::now() < w.end + DRAIN {
+        sleep(Duration::from_millis(10)).await;
+    }
+    let still_open = b.st.open_streams.load(Relaxed);
+    let _ = stop.send(true);
+    let _ = timeout(Duration::from_secs(1), streams.join_all()).await;
+    let (st, secs) = (&b.st, w.secs());
+    header();
+    row("connect", &st.connect, open_secs);
+    row("send", &st.send, secs);
+    row("notify", &st.e2e, secs);
+    let (frames, sent) = (st.frames.load(Relaxed), st.accepted.load(Relaxed));
+    println!("frames: {frames} new_message for {sent} messages sent, warm-up and drain included");
+    println!("streams: {still_open} of {n} still open at the end");
+    Ok(())
+}
+
+async fn connections(b: Arc<Bench>) -> Result<(), String> {
+    let (n, hold) = (b.targets, b.args.duration_s);
+    b.register(n).await?;
+    let before = rss_kib(b.args.server_pid);
+    let (stop, stop_rx) = watch::channel(false);
+    let (streams, open_secs) = b.open_streams(n, &stop_rx).await;
+    let opened = b.st.open_streams.load(Relaxed);
+    let after = rss_kib(b.args.server_pid);
+    eprintln!("holding {opened} streams for {hold} s");
+    sleep(Duration::from_secs(hold)).await;
+    let held = b.st.open_streams.load(Relaxed);
+    let _ = stop.send(true);
+    let _ = timeout(DRAIN, streams.join_all()).await;
+    header();
+    row("connect", &b.st.connect, open_secs);
+    println!(
+        "streams: {opened} of {n} opened in {open_secs:.2} s, {held} still open after {hold} s"
+    );
+    match (b.args.server_pid, before, after) {
+        (None, ..) => println!("server RSS: pass --server-pid"),
+        (Some(pid), Some(before), Some(after)) => {
+            let (mib_before, mib_after) = (before as f64 / 1024.0, after as f64 / 1024.0);
+            let kib_each = (after as f64 - before as f64) / opened.max(1) as f64;
+            print!("server RSS (pid {pid}): {mib_before:.1} MiB before, {mib_after:.1} MiB after");
+            println!(" opening, {kib_each:.2} KiB per open stream");
+        }
+        (Some(pid), ..) => println!("server RSS: cannot read VmRSS in /proc/{pid}/status"),
+    }
+    Ok(())
+}
+
+fn header() {
+    println!("measure           ok   errors     secs   rate/s   p50 ms   p99 ms  p999 ms   max ms");
+}
+
+fn row(name: &str, tally: &Row, secs: f64) {
+    let t = lock(&tally.0);
+    let ms = |micros: u64| {
+        if t.hist.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.2}", micros as f64 / 1000.0)
+        }
+    };
+    let q = |quantile| ms(t.hist.value_at_quantile(quantile));
+    let (ok, errors, rate) = (t.ok, t.started.saturating_sub(t.ok), t.ok as f64 / secs);
+    let (p50, p99, p999, max) = (q(0.5), q(0.99), q(0.999), ms(t.hist.max()));
+    println!("{name:<11}{ok:>9}{errors:>9}{secs:>9.1}{rate:>9.1}{p50:>9}{p99:>9}{p999:>9}{max:>9}");
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    line.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// The innermost cause of an error, which names what actually went wrong.
+fn cause(err: &(dyn Error + 'static)) -> String {
+    let mut e = err;
+    while let Some(inner) = e.source() {
+        e = inner;
+    }
+    let io = e.downcast_ref::<std::io::Error>();
+    if io.and_then(std::io::Error::raw_os_error) == Some(24) {
+        return "too many open files (EMFILE): raise the limit, e.g. `ulimit -n 65536`".into();
+    }
+    e.to_string()
+}
+
+/// Parses a count that must be at least 1.
+fn positive() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// SplitMix64: picks notify's random recipients without an RNG dependency.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ltmc-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let b = Arc::new(Bench::new(args)?);
+    let unreachable = |e| format!("server not reachable at {}: {e}", b.base);
+    b.health().await.map_err(unreachable)?;
+    let (a, name) = (&b.args, format!("{:?}", b.args.scenario).to_lowercase());
+    let load = match b.rate {
+        _ if a.scenario == Scenario::Connections => "idle".to_owned(),
+        0 => format!("max rate, concurrency {}", a.concurrency),
+        r => format!("{r} msg/s, concurrency {}", a.concurrency),
+    };
+    let (base, agents, secs) = (&b.base, b.targets, a.duration_s);
+    println!("ltmc-bench {name} on {base}: {agents} agents, {load}, {secs} s");
+    let result = match a.scenario {
+        Scenario::Send | Scenario::Roundtrip => messages(b.clone()).await,
+        Scenario::Notify => notify(b.clone()).await,
+        Scenario::Connections => connections(b.clone()).await,
+    };
+    for (what, count) in lock(&b.st.errors).iter() {
+        println!("{count:>9} errors  {what}");
+    }
+    result
+}

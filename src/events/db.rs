@@ -43,6 +43,37 @@ pub async fn append(conn: &mut SqliteConnection, event: NewEvent) -> Result<Even
     })
 }
 
+/// Appends many events in one statement (inside the caller's transaction), in order.
+pub async fn append_many(conn: &mut SqliteConnection, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+    let at = now_ms();
+    let mut appended = Vec::with_capacity(events.len());
+    // 5 variables a row: well inside SQLite's limit of 32 766 per statement.
+    for chunk in events.chunks(1000) {
+        let mut insert =
+            sqlx::QueryBuilder::new("INSERT INTO event (topic, type, agent_id, at, data) ");
+        insert.push_values(chunk, |mut row, event| {
+            row.push_bind(event.topic)
+                .push_bind(event.kind)
+                .push_bind(event.agent_id.clone())
+                .push_bind(at)
+                .push_bind(event.data.to_string());
+        });
+        insert.push(" RETURNING seq");
+        let mut seqs: Vec<i64> = insert.build_query_scalar().fetch_all(&mut *conn).await?;
+        // AUTOINCREMENT numbers the rows in VALUES order; RETURNING promises no order.
+        seqs.sort_unstable();
+        appended.extend(chunk.iter().zip(seqs).map(|(event, seq)| Event {
+            seq,
+            topic: event.topic.to_owned(),
+            kind: event.kind.to_owned(),
+            agent_id: event.agent_id.clone(),
+            at,
+            data: event.data.clone(),
+        }));
+    }
+    Ok(appended)
+}
+
 /// Up to `limit` notifications for `agent_id` after `since`, oldest first.
 pub async fn after_for_agent(
     pool: &SqlitePool,

@@ -4,6 +4,12 @@
 //! is full is dropped from the hub and flagged, and its socket task closes it with 4008 (slow
 //! consumer). A `std::sync::Mutex` is right here: it is held only to walk the subscriber lists,
 //! never across an `.await`.
+//!
+//! Events may arrive out of `seq` order: with several instances each publishes its own commits.
+//! A connection only ever moves forward, so the hub watches the sequence: a gap (an older event
+//! still on its way, or lost by pub/sub) sends every connection back to the log, which already
+//! holds everything up to the newest event seen (the store commits in `seq` order); the late
+//! event, when it comes, is dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +45,18 @@ struct Subscriber {
 struct Subscribers {
     agents: HashMap<String, Vec<Subscriber>>,
     firehose: Vec<(HashSet<String>, Subscriber)>,
+    /// The newest `seq` dispatched or covered by a resync.
+    last_seq: i64,
+}
+
+impl Subscribers {
+    fn resync(&mut self) {
+        for list in self.agents.values_mut() {
+            list.retain(|s| offer(s, Delivery::Resync));
+        }
+        self.agents.retain(|_, list| !list.is_empty());
+        self.firehose.retain(|(_, s)| offer(s, Delivery::Resync));
+    }
 }
 
 /// The per-instance fan-out.
@@ -84,8 +102,11 @@ fn offer(subscriber: &Subscriber, delivery: Delivery) -> bool {
 }
 
 impl Hub {
-    pub fn new() -> Arc<Hub> {
-        Arc::new(Hub::default())
+    /// A hub for an instance starting when the log ends at `last_seq`.
+    pub fn new(last_seq: i64) -> Arc<Hub> {
+        let hub = Hub::default();
+        hub.subscribers.lock().expect("hub lock").last_seq = last_seq;
+        Arc::new(hub)
     }
 
     /// Registers a connection with a buffer of `capacity` deliveries.
@@ -162,6 +183,16 @@ impl Hub {
     /// Delivers one event to every interested connection, dropping the ones that cannot keep up.
     pub fn dispatch(&self, event: &Event) {
         let mut subs = self.subscribers.lock().expect("hub lock");
+        if event.seq <= subs.last_seq {
+            // Late (or from before this instance started): a resync already covered it.
+            return;
+        }
+        let gap = event.seq > subs.last_seq + 1;
+        subs.last_seq = event.seq;
+        if gap {
+            subs.resync();
+            return;
+        }
         if let Some(agent) = &event.agent_id
             && let Some(list) = subs.agents.get_mut(agent)
         {
@@ -200,11 +231,6 @@ impl Hub {
 
     /// Tells every connection to re-read the log (after the broker subscription was interrupted).
     pub fn resync(&self) {
-        let mut subs = self.subscribers.lock().expect("hub lock");
-        for list in subs.agents.values_mut() {
-            list.retain(|s| offer(s, Delivery::Resync));
-        }
-        subs.agents.retain(|_, list| !list.is_empty());
-        subs.firehose.retain(|(_, s)| offer(s, Delivery::Resync));
+        self.subscribers.lock().expect("hub lock").resync();
     }
 }

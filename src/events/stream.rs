@@ -2,12 +2,14 @@
 //!
 //! A connection subscribes to the hub *before* it reads the log, so nothing committed in between
 //! is missed; frames at or below the last `seq` sent are dropped, so the overlap never shows.
+//! Both happen before the handshake is answered: a client holding its `101` misses nothing
+//! committed after it, even without `?since=`.
 //! Each connection is one `select!` over its hub buffer, the client, the ping timer and the
 //! shutdown token; it holds a task-tracker token, so shutdown waits until it has said goodbye.
 //!
 //! Close codes: 4401 bad or missing credentials, 4403 not allowed, 4008 slow consumer, 1012 the
-//! server is restarting, 1008 the client stopped answering pings. All but 4401/4403 are
-//! reconnectable with `?since=`.
+//! server is restarting, 1008 the client stopped answering pings, 1009 a client frame over
+//! 64 KiB. All but 4401/4403 are reconnectable with `?since=`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +26,7 @@ use serde::Deserialize;
 use serde_json::json;
 use utoipa::IntoParams;
 
-use super::hub::{Delivery, Interest};
+use super::hub::{Delivery, Interest, Subscription};
 use super::{TOPICS, db};
 use crate::app::AppState;
 use crate::auth::{Principal, bearer_subprotocol};
@@ -113,10 +116,11 @@ pub async fn agent_stream(
     Path(agent_id): Path<String>,
     Query(query): Query<StreamQuery>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
     validate_agent_id("agent_id", &agent_id)?;
     let since = resume_point(query.since, &headers)?;
+    let ws = ws.map_err(not_a_websocket)?;
     let who = match state.authenticate(&headers).await {
         Ok(who) => who,
         Err(e) => return refuse(ws, &headers, &e),
@@ -135,8 +139,10 @@ pub async fn agent_stream(
         ),
         _ => None,
     };
+    let interest = Interest::Agent(agent_id);
+    let (subscription, start) = open(&state, &interest, since).await?;
     Ok(upgrade(ws, &headers)
-        .on_upgrade(move |socket| serve(state, socket, Interest::Agent(agent_id), since, slot)))
+        .on_upgrade(move |socket| serve(state, socket, interest, subscription, start, slot)))
 }
 
 /// The dashboard firehose: `{topic, type, seq, at, data}` for every event of the chosen topics.
@@ -147,7 +153,7 @@ pub async fn firehose(
     State(state): State<AppState>,
     Query(query): Query<FirehoseQuery>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
     let topics: HashSet<String> = match query.topics.as_deref() {
         None | Some("") => TOPICS.iter().map(|t| (*t).to_owned()).collect(),
@@ -167,6 +173,7 @@ pub async fn firehose(
             .collect::<Result<_>>()?,
     };
     let since = resume_point(query.since, &headers)?;
+    let ws = ws.map_err(not_a_websocket)?;
     let who = match state.authenticate(&headers).await {
         Ok(who) => who,
         Err(e) => return refuse(ws, &headers, &e),
@@ -174,8 +181,18 @@ pub async fn firehose(
     if let Err(e) = who.require_reader() {
         return refuse(ws, &headers, &e);
     }
+    let interest = Interest::Topics(topics);
+    let (subscription, start) = open(&state, &interest, since).await?;
     Ok(upgrade(ws, &headers)
-        .on_upgrade(move |socket| serve(state, socket, Interest::Topics(topics), since, None)))
+        .on_upgrade(move |socket| serve(state, socket, interest, subscription, start, None)))
+}
+
+/// A request that is not a WebSocket handshake (a plain `GET`, say) gets a problem document.
+fn not_a_websocket(rejection: WebSocketUpgradeRejection) -> Error {
+    Error::BadRequest(format!(
+        "not a WebSocket handshake: {}",
+        rejection.body_text()
+    ))
 }
 
 /// `?since=` wins over `Last-Event-ID`.
@@ -237,6 +254,32 @@ fn close_frame(code: u16, reason: &str) -> Message {
     }))
 }
 
+/// Where a connection starts.
+enum Start {
+    /// Live: frames after this `seq` (the log's end when the client connected).
+    Live(i64),
+    /// Resume after this `seq`: a `resumed` frame, then what was missed.
+    Resume(i64),
+}
+
+/// Subscribes to the hub, then fixes where the connection starts; called before the handshake
+/// is answered, so nothing committed after the client's `101` is missed.
+async fn open(
+    state: &AppState,
+    interest: &Interest,
+    since: Option<i64>,
+) -> Result<(Subscription, Start)> {
+    let subscription = state
+        .hub
+        .subscribe(interest.clone(), state.config.limits.stream_buffer as usize);
+    let start = match since {
+        Some(since) => Start::Resume(since),
+        // Live from now: a later resync must not replay history this client never asked for.
+        None => Start::Live(db::latest_seq(state.store.reader()).await?),
+    };
+    Ok((subscription, start))
+}
+
 /// Why a connection ended.
 enum End {
     /// Close with this code and reason.
@@ -250,18 +293,15 @@ async fn serve(
     state: AppState,
     mut socket: WebSocket,
     interest: Interest,
-    since: Option<i64>,
+    mut subscription: Subscription,
+    start: Start,
     _slot: Option<Slot>,
 ) {
     let _tracked = state.tracker.token();
-    let mut subscription = state
-        .hub
-        .subscribe(interest.clone(), state.config.limits.stream_buffer as usize);
     let end: Result<std::convert::Infallible, End> = async {
-        let mut last_seq = match since {
-            // Live from now: a later resync must not replay history this client never asked for.
-            None => db::latest_seq(state.store.reader()).await.map_err(|_| End::Close(1011, "store unavailable"))?,
-            Some(since) => {
+        let mut last_seq = match start {
+            Start::Live(seq) => seq,
+            Start::Resume(since) => {
                 let recovered = since >= db::pruned_through(state.store.reader()).await.map_err(|_| End::Close(1011, "store unavailable"))?;
                 send(&mut socket, json!({"type": "resumed", "recovered": recovered, "since": since}).to_string()).await?;
                 catch_up(&state, &mut socket, &interest, since).await?
@@ -292,7 +332,8 @@ async fn serve(
                     timed_send(&mut socket, Message::Ping(Default::default())).await?;
                 },
                 incoming = socket.recv() => match incoming {
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Err(End::Gone),
+                    Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+                    Some(Err(e)) => return Err(read_failed(e)),
                     // Any frame proves the peer is alive; client frames carry no commands yet.
                     Some(Ok(_)) => awaiting_pong = false,
                 },
@@ -306,6 +347,17 @@ async fn serve(
             socket.send(close_frame(code, reason)),
         )
         .await;
+    }
+}
+
+/// A failed read ends the connection; a client frame over the limit is told so (1009).
+fn read_failed(error: axum::Error) -> End {
+    let error = error.into_inner();
+    match error.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+        Some(tokio_tungstenite::tungstenite::Error::Capacity(_)) => {
+            End::Close(1009, "message too big: client frames are limited to 64 KiB")
+        }
+        _ => End::Gone,
     }
 }
 

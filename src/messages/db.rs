@@ -2,9 +2,11 @@
 //! `(recipient, state, priority DESC, seq)`, so priority-then-FIFO holds, also for redelivered
 //! messages (they keep their `seq`).
 
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use std::collections::{HashMap, HashSet};
 
-use crate::error::Result;
+use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
+
+use crate::error::{Error, Result};
 
 /// A message row as the API shows it.
 #[derive(Debug, Clone)]
@@ -42,16 +44,26 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<MessageRow> {
     })
 }
 
-/// Messages waiting for `recipient` (queued or claimed), counted up to `cap`.
-pub async fn pending_count(conn: &mut SqliteConnection, recipient: &str, cap: u32) -> Result<u32> {
-    Ok(sqlx::query_scalar(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM message
-                               WHERE recipient = ? AND state IN ('queued', 'claimed') LIMIT ?)",
+/// Waiting messages (queued or claimed) per recipient, from the trigger-kept `queue_depth`.
+pub async fn pending_counts<'a>(
+    conn: &mut SqliteConnection,
+    recipients: &[&'a str],
+) -> Result<HashMap<&'a str, i64>> {
+    let list = serde_json::to_string(recipients).map_err(|e| Error::Internal(e.to_string()))?;
+    let rows = sqlx::query(
+        "SELECT recipient, pending FROM queue_depth WHERE recipient IN (SELECT value FROM json_each(?))",
     )
-    .bind(recipient)
-    .bind(cap)
-    .fetch_one(conn)
-    .await?)
+    .bind(list)
+    .fetch_all(conn)
+    .await?;
+    let mut counts = HashMap::new();
+    for row in rows {
+        let recipient: String = row.try_get("recipient")?;
+        if let Some(r) = recipients.iter().find(|r| **r == recipient) {
+            counts.insert(*r, row.try_get("pending")?);
+        }
+    }
+    Ok(counts)
 }
 
 /// A message to enqueue.
@@ -66,24 +78,69 @@ pub struct Insert<'a> {
     pub now: i64,
 }
 
-pub async fn insert(conn: &mut SqliteConnection, m: &Insert<'_>) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO message (message_id, sender, recipient, message_type, content, priority,
-                              correlation_id, created_at, visible_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(m.message_id)
-    .bind(m.sender)
-    .bind(m.recipient)
-    .bind(m.message_type)
-    .bind(m.content)
-    .bind(m.priority)
-    .bind(m.correlation_id)
-    .bind(m.now)
-    .bind(m.now)
-    .execute(conn)
-    .await?;
+/// Enqueues messages, 500 rows a statement (9 variables a row: inside SQLite's limit).
+pub async fn insert_many(conn: &mut SqliteConnection, messages: &[Insert<'_>]) -> Result<()> {
+    for chunk in messages.chunks(500) {
+        let mut insert = QueryBuilder::new(
+            "INSERT INTO message (message_id, sender, recipient, message_type, content, priority,
+                                  correlation_id, created_at, visible_at) ",
+        );
+        insert.push_values(chunk, |mut row, m| {
+            row.push_bind(m.message_id.to_owned())
+                .push_bind(m.sender.to_owned())
+                .push_bind(m.recipient.to_owned())
+                .push_bind(m.message_type.to_owned())
+                .push_bind(m.content.to_owned())
+                .push_bind(i64::from(m.priority))
+                .push_bind(m.correlation_id.map(str::to_owned))
+                .push_bind(m.now)
+                .push_bind(m.now);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
     Ok(())
+}
+
+/// One ack to apply: (recipient, message_id, lease_id).
+pub type AckKey<'a> = (&'a str, &'a str, &'a str);
+
+/// Acks the messages held under live leases, in one statement per 1000; returns the
+/// (message_id, lease_id) pairs that were acked.
+pub async fn ack_many(
+    conn: &mut SqliteConnection,
+    acks: &[AckKey<'_>],
+    now: i64,
+) -> Result<HashSet<(String, String)>> {
+    let mut acked = HashSet::new();
+    for chunk in acks.chunks(1000) {
+        let mut update = QueryBuilder::new("UPDATE message SET state = 'acked', finished_at = ");
+        update.push_bind(now);
+        update.push(" WHERE state = 'claimed' AND lease_expires_at > ");
+        update.push_bind(now);
+        update.push(" AND (recipient, message_id, lease_id) IN (");
+        update.push_values(chunk, |mut row, (recipient, message_id, lease_id)| {
+            row.push_bind(recipient.to_string())
+                .push_bind(message_id.to_string())
+                .push_bind(lease_id.to_string());
+        });
+        update.push(") RETURNING message_id, lease_id");
+        for row in update.build().fetch_all(&mut *conn).await? {
+            acked.insert((row.try_get("message_id")?, row.try_get("lease_id")?));
+        }
+    }
+    Ok(acked)
+}
+
+/// Whether `recipient` has a message to claim now (a read: idle polling takes no write lock).
+pub async fn has_claimable(pool: &SqlitePool, recipient: &str, now: i64) -> Result<bool> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT EXISTS (SELECT 1 FROM message WHERE recipient = ? AND state = 'queued' AND visible_at <= ?)",
+    )
+    .bind(recipient)
+    .bind(now)
+    .fetch_one(pool)
+    .await?
+        == 1)
 }
 
 /// Claims up to `limit` visible queued messages under a fresh lease (or acks them at once with
@@ -151,28 +208,6 @@ pub async fn lease_state(
         })
     })
     .transpose()
-}
-
-/// Acks a message held under a live lease; false when the lease is not current.
-pub async fn ack(
-    conn: &mut SqliteConnection,
-    recipient: &str,
-    message_id: &str,
-    lease_id: &str,
-    now: i64,
-) -> Result<bool> {
-    let result = sqlx::query(
-        "UPDATE message SET state = 'acked', finished_at = ?
-         WHERE message_id = ? AND recipient = ? AND state = 'claimed' AND lease_id = ? AND lease_expires_at > ?",
-    )
-    .bind(now)
-    .bind(message_id)
-    .bind(recipient)
-    .bind(lease_id)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected() == 1)
 }
 
 /// Puts a leased message back in its old place (visible after `visible_at`), or into the dead

@@ -9,6 +9,7 @@
 //!   to the dead letters without blocking the messages behind it, until replayed.
 //! - Each send emits `new_message` on the recipient's stream, in the same transaction.
 
+pub mod batch;
 pub mod db;
 pub mod routes;
 
@@ -47,7 +48,7 @@ pub struct NewMessage {
 }
 
 /// The answer to a send.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SendReceipt {
     pub message_id: String,
     /// Whether the recipient is present (heartbeating) right now; the message waits either way.
@@ -209,56 +210,19 @@ pub async fn send(
         state.broker.presence(&[to], now).await.as_deref(),
         Ok([Some(_)])
     );
-    let scope = format!("send:{}:{to}", new.from);
-    let mut tx = state.store.begin().await?;
-    if let Some(key) = idempotency_key
-        && let Some(body) = db::idempotent_answer(tx.conn(), &scope, key).await?
-    {
-        return serde_json::from_str(&body).map_err(|e| Error::Internal(e.to_string()));
-    }
-    let cap = state.config.limits.max_queued_per_agent;
-    if db::pending_count(tx.conn(), to, cap).await? >= cap {
-        return Err(Error::TooManyRequests(format!(
-            "queue full: {to:?} already has {cap} waiting messages"
-        )));
-    }
-    let message_id = new_id("msg");
-    db::insert(
-        tx.conn(),
-        &db::Insert {
-            message_id: &message_id,
-            sender: &new.from,
-            recipient: to,
-            message_type: &new.message_type,
-            content: new.content.get(),
-            priority: new.priority,
-            correlation_id: new.correlation_id.as_deref(),
-            now,
-        },
-    )
-    .await?;
-    tx.emit(
-        NewEvent::new(
-            "messages",
-            "new_message",
-            json!({
-                "message_id": message_id, "from": new.from, "to": to, "priority": new.priority,
-                "message_type": new.message_type, "correlation_id": new.correlation_id,
-            }),
-        )
-        .to_agent(to),
-    )
-    .await?;
-    let receipt = SendReceipt {
-        message_id,
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = batch::SendJob {
+        to: to.to_owned(),
+        new,
+        idempotency_key: idempotency_key.map(str::to_owned),
         recipient_online,
+        now,
+        reply,
     };
-    if let Some(key) = idempotency_key {
-        let body = serde_json::to_string(&receipt).map_err(|e| Error::Internal(e.to_string()))?;
-        db::remember_answer(tx.conn(), &scope, key, 202, &body, now).await?;
-    }
-    tx.commit(&state.broker).await?;
-    Ok(receipt)
+    state.batcher.submit(batch::Job::Send(job)).await?;
+    answer
+        .await
+        .map_err(|_| Error::Unavailable("the service is shutting down".into()))?
 }
 
 /// Claims messages under a fresh lease.
@@ -269,6 +233,11 @@ pub async fn claim(state: &AppState, agent_id: &str, request: ClaimRequest) -> R
     }
     check_visibility("visibility_timeout_s", request.visibility_timeout_s)?;
     let now = now_ms();
+    if !db::has_claimable(state.store.reader(), agent_id, now).await? {
+        return Ok(Claimed {
+            messages: Vec::new(),
+        });
+    }
     let lease_id = new_id("lse");
     let expires = now + i64::from(request.visibility_timeout_s) * 1000;
     let mut tx = state.store.begin().await?;
@@ -290,20 +259,19 @@ pub async fn claim(state: &AppState, agent_id: &str, request: ClaimRequest) -> R
     Ok(Claimed { messages })
 }
 
-/// Explains why a lease operation on `message_id` found no current lease.
-async fn refusal(
-    tx: &mut crate::store::Writer,
+/// Explains why a lease operation on `message_id` found no current lease, given where the
+/// message stands.
+fn refusal(
+    current: Option<db::LeaseState>,
     agent_id: &str,
     message_id: &str,
     lease_id: &str,
-) -> Result<Error> {
-    let Some(current) = db::lease_state(tx.conn(), agent_id, message_id).await? else {
-        return Ok(Error::NotFound(format!(
-            "no message {message_id:?} in {agent_id:?}'s queue"
-        )));
+) -> Error {
+    let Some(current) = current else {
+        return Error::NotFound(format!("no message {message_id:?} in {agent_id:?}'s queue"));
     };
     let ours = current.lease_id.as_deref() == Some(lease_id);
-    Ok(Error::Conflict(match current.state.as_str() {
+    Error::Conflict(match current.state.as_str() {
         "acked" => "the message was acked under another lease".to_owned(),
         "dead" => "the message is in the dead letters".to_owned(),
         "claimed" if ours => format!(
@@ -312,24 +280,36 @@ async fn refusal(
         ),
         "claimed" => "stale lease: the message was delivered again since".to_owned(),
         _ => "stale lease: the message is back in the queue".to_owned(),
-    }))
+    })
 }
 
-/// Acks a message; a repeated ack under the same lease is a success too.
+/// Why a lease operation was refused, read inside its transaction.
+async fn explain(
+    tx: &mut crate::store::Writer,
+    agent_id: &str,
+    message_id: &str,
+    lease_id: &str,
+) -> Result<Error> {
+    let current = db::lease_state(tx.conn(), agent_id, message_id).await?;
+    Ok(refusal(current, agent_id, message_id, lease_id))
+}
+
+/// Acks a message; a repeated ack under the same lease is a success too. Committed in a batch
+/// with other acks and sends (see [`batch`]).
 pub async fn ack(state: &AppState, agent_id: &str, message_id: &str, body: Ack) -> Result<()> {
     validate_agent_id("agent_id", agent_id)?;
-    let now = now_ms();
-    let mut tx = state.store.begin().await?;
-    if db::ack(tx.conn(), agent_id, message_id, &body.lease_id, now).await? {
-        return tx.commit(&state.broker).await;
-    }
-    if let Some(current) = db::lease_state(tx.conn(), agent_id, message_id).await?
-        && current.state == "acked"
-        && current.lease_id.as_deref() == Some(body.lease_id.as_str())
-    {
-        return Ok(());
-    }
-    Err(refusal(&mut tx, agent_id, message_id, &body.lease_id).await?)
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = batch::AckJob {
+        agent_id: agent_id.to_owned(),
+        message_id: message_id.to_owned(),
+        lease_id: body.lease_id,
+        now: now_ms(),
+        reply,
+    };
+    state.batcher.submit(batch::Job::Ack(job)).await?;
+    answer
+        .await
+        .map_err(|_| Error::Unavailable("the service is shutting down".into()))?
 }
 
 /// Gives a message back: it returns to its old place in the queue (after `delay_s`).
@@ -360,7 +340,7 @@ pub async fn nack(state: &AppState, agent_id: &str, message_id: &str, body: Nack
             }
             tx.commit(&state.broker).await
         }
-        None => Err(refusal(&mut tx, agent_id, message_id, &body.lease_id).await?),
+        None => Err(explain(&mut tx, agent_id, message_id, &body.lease_id).await?),
     }
 }
 
@@ -388,7 +368,7 @@ pub async fn extend(
     {
         return tx.commit(&state.broker).await;
     }
-    Err(refusal(&mut tx, agent_id, message_id, &body.lease_id).await?)
+    Err(explain(&mut tx, agent_id, message_id, &body.lease_id).await?)
 }
 
 /// Puts a dead letter back in the queue with a fresh delivery budget.
