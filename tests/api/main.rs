@@ -8,4 +8,5 @@ mod auth;
 mod faults;
 mod inputs;
 mod messages;
+mod openapi;
 mod streams;
