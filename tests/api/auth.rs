@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::{self, handshake::client::Response};
 
 use crate::both_brokers;
 use crate::harness::{Kind, Next, Options, TestApp, Ws};
-use crate::inputs::{call, problem};
+use crate::inputs::{Answer, call, problem};
 
 const ADMIN: &str = "admin-token-0123456789";
 const READ: &str = "read-token-0123456789-r";
@@ -48,7 +48,25 @@ async fn register(app: &TestApp, agent_id: &str) -> String {
         .to_owned()
 }
 
-/// One request with `token`; asserts a problem document with `status` when it is 4xx.
+/// One request with an optional JSON body and token.
+async fn answer_as(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> Answer {
+    let mut request = app.client.request(method, app.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    call(request).await
+}
+
+/// The status of a request; a 4xx must be a problem document.
 async fn status_as(
     app: &TestApp,
     method: Method,
@@ -56,30 +74,16 @@ async fn status_as(
     body: Option<Value>,
     token: Option<&str>,
 ) -> u16 {
-    let mut request = app.client.request(method.clone(), app.url(path));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let answer = call(request).await;
+    let answer = answer_as(app, method, path, body, token).await;
     if answer.status >= 400 {
         problem(&answer, answer.status);
     }
     answer.status
 }
 
-/// Asserts `token` gets 403 (a forbidden problem) for the request.
+/// Asserts `token` gets a 403 forbidden problem for the request.
 async fn forbidden(app: &TestApp, method: Method, path: &str, body: Option<Value>, token: &str) {
-    let mut request = app
-        .client
-        .request(method.clone(), app.url(path))
-        .bearer_auth(token);
-    if let Some(body) = &body {
-        request = request.json(body);
-    }
-    let answer = call(request).await;
+    let answer = answer_as(app, method.clone(), path, body, Some(token)).await;
     let problem = problem(&answer, 403);
     assert_eq!(
         problem["type"], "urn:ltmc:problem:forbidden",
@@ -202,86 +206,44 @@ both_brokers!(missing_or_unknown_token_is_401, |kind| async move {
 });
 
 both_brokers!(admin_may_do_everything, |kind| async move {
+    // `app.post` and friends send the admin token.
     let app = secured(kind).await;
-    let admin = Some(ADMIN);
     register(&app, "alpha").await;
-    assert_eq!(
-        status_as(
-            &app,
-            Method::POST,
-            "/v1/agents/alpha/heartbeat",
-            Some(json!({"status": "busy"})),
-            admin
-        )
-        .await,
-        200
-    );
+    let beat = app
+        .post("/v1/agents/alpha/heartbeat", json!({"status": "busy"}))
+        .await;
+    assert_eq!(beat.0, 200, "{}", beat.1);
+    // As anyone, even an agent that is not registered.
     let send = json!({"from": "beta", "message_type": "t", "content": 1});
-    assert_eq!(
-        status_as(
-            &app,
-            Method::POST,
-            "/v1/agents/alpha/messages",
-            Some(send),
-            admin
-        )
-        .await,
-        202,
-        "the admin may send as anyone, even an unregistered agent"
-    );
+    assert_eq!(app.post("/v1/agents/alpha/messages", send).await.0, 202);
     let claimed = app
         .claim("alpha", json!({"visibility_timeout_s": 60}))
         .await;
-    let id = claimed[0]["message_id"].as_str().unwrap();
-    let lease = json!({"lease_id": claimed[0]["lease_id"]});
+    let base = format!(
+        "/v1/agents/alpha/messages/{}",
+        claimed[0]["message_id"].as_str().unwrap()
+    );
     let extend = json!({"lease_id": claimed[0]["lease_id"], "visibility_timeout_s": 60});
-    assert_eq!(
-        status_as(
-            &app,
-            Method::POST,
-            &format!("/v1/agents/alpha/messages/{id}/extend"),
-            Some(extend),
-            admin
-        )
-        .await,
-        204
-    );
-    assert_eq!(
-        status_as(
-            &app,
-            Method::POST,
-            &format!("/v1/agents/alpha/messages/{id}/ack"),
-            Some(lease),
-            admin
-        )
-        .await,
-        204
-    );
-    assert_eq!(
-        status_as(&app, Method::GET, "/v1/agents/alpha/messages", None, admin).await,
-        200
-    );
+    assert_eq!(app.post(&format!("{base}/extend"), extend).await.0, 204);
+    let ack = json!({"lease_id": claimed[0]["lease_id"]});
+    assert_eq!(app.post(&format!("{base}/ack"), ack).await.0, 204);
+    assert_eq!(app.get("/v1/agents/alpha/messages").await.0, 200);
 
     let auth = bearer(ADMIN);
-    let (mut stream, _) = connect(
-        &app,
+    for path in [
         "/v1/agents/alpha/stream?since=0",
-        &[("authorization", &auth)],
-    )
-    .await
-    .unwrap();
-    assert_served(&mut stream).await;
-    let (mut firehose, _) = connect(
-        &app,
         "/v1/events/stream?since=0",
-        &[("authorization", &auth)],
-    )
-    .await
-    .unwrap();
-    assert_served(&mut firehose).await;
+    ] {
+        let (mut ws, _) = connect(&app, path, &[("authorization", &auth)])
+            .await
+            .unwrap();
+        assert_served(&mut ws).await;
+    }
 
     assert_eq!(
-        status_as(&app, Method::DELETE, "/v1/agents/alpha", None, admin).await,
+        app.request(Method::DELETE, "/v1/agents/alpha", None)
+            .await
+            .0,
         204
     );
     assert_eq!(app.get("/v1/agents/alpha").await.0, 404);
@@ -473,80 +435,55 @@ both_brokers!(
         let id = held["message_id"].as_str().unwrap();
         let before = app.get("/v1/agents/beta").await.1;
 
-        let a = alpha.as_str();
         let lease = json!({"lease_id": held["lease_id"]});
-        let nack = json!({"lease_id": held["lease_id"], "delay_s": 0});
-        let extend = json!({"lease_id": held["lease_id"], "visibility_timeout_s": 1});
-        forbidden(
-            &app,
-            Method::POST,
-            "/v1/agents/beta/heartbeat",
-            Some(json!({"status": "busy"})),
-            a,
-        )
-        .await;
-        forbidden(&app, Method::POST, "/v1/agents/beta/heartbeat", None, a).await;
-        forbidden(
-            &app,
-            Method::POST,
-            "/v1/agents/beta/messages/claim",
-            Some(json!({"limit": 10})),
-            a,
-        )
-        .await;
-        forbidden(
-            &app,
-            Method::POST,
-            &format!("/v1/agents/beta/messages/{id}/ack"),
-            Some(lease),
-            a,
-        )
-        .await;
-        forbidden(
-            &app,
-            Method::POST,
-            &format!("/v1/agents/beta/messages/{id}/nack"),
-            Some(nack),
-            a,
-        )
-        .await;
-        forbidden(
-            &app,
-            Method::POST,
-            &format!("/v1/agents/beta/messages/{id}/extend"),
-            Some(extend),
-            a,
-        )
-        .await;
-        forbidden(
-            &app,
-            Method::POST,
-            &format!("/v1/agents/beta/messages/{id}/replay"),
-            None,
-            a,
-        )
-        .await;
-        forbidden(&app, Method::GET, "/v1/agents/beta/messages", None, a).await;
-        forbidden(
-            &app,
-            Method::GET,
-            "/v1/agents/beta/messages?state=claimed",
-            None,
-            a,
-        )
-        .await;
-        forbidden(&app, Method::DELETE, "/v1/agents/beta", None, a).await;
-        // Sending as someone else, to anyone.
-        for to in ["alpha", "beta", "gamma"] {
-            let spoof = json!({"from": "beta", "message_type": "t", "content": "spoofed"});
-            forbidden(
-                &app,
+        let message = format!("/v1/agents/beta/messages/{id}");
+        let spoof = json!({"from": "beta", "message_type": "t", "content": "spoofed"});
+        let refused: Vec<(Method, String, Option<Value>)> = vec![
+            (
                 Method::POST,
-                &format!("/v1/agents/{to}/messages"),
+                "/v1/agents/beta/heartbeat".into(),
+                Some(json!({"status": "busy"})),
+            ),
+            (Method::POST, "/v1/agents/beta/heartbeat".into(), None),
+            (
+                Method::POST,
+                "/v1/agents/beta/messages/claim".into(),
+                Some(json!({"limit": 10})),
+            ),
+            (Method::POST, format!("{message}/ack"), Some(lease.clone())),
+            (Method::POST, format!("{message}/nack"), Some(lease)),
+            (
+                Method::POST,
+                format!("{message}/extend"),
+                Some(json!({"lease_id": held["lease_id"], "visibility_timeout_s": 1})),
+            ),
+            (Method::POST, format!("{message}/replay"), None),
+            (Method::GET, "/v1/agents/beta/messages".into(), None),
+            (
+                Method::GET,
+                "/v1/agents/beta/messages?state=claimed".into(),
+                None,
+            ),
+            (Method::DELETE, "/v1/agents/beta".into(), None),
+            // Sending as someone else, to anyone.
+            (
+                Method::POST,
+                "/v1/agents/alpha/messages".into(),
+                Some(spoof.clone()),
+            ),
+            (
+                Method::POST,
+                "/v1/agents/beta/messages".into(),
+                Some(spoof.clone()),
+            ),
+            (
+                Method::POST,
+                "/v1/agents/gamma/messages".into(),
                 Some(spoof),
-                a,
-            )
-            .await;
+            ),
+        ];
+        for (method, path, body) in refused {
+            forbidden(&app, method, &path, body, &alpha).await;
         }
 
         // Nothing changed.
