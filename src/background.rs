@@ -1,5 +1,5 @@
 //! The background loop: a thin timer around step functions that tests call directly.
-//! Each tick reaps expired leases and expires silent agents; about once a minute it also prunes
+//! Each tick reaps expired leases, checkpoints the WAL and expires silent agents; about once a minute it also prunes
 //! the event log, acked messages and idempotency answers. Every step is a compare-and-set in the
 //! store or an atomic take in the broker, so with several instances each change happens once.
 
@@ -29,7 +29,8 @@ pub async fn run(state: AppState) {
     }
 }
 
-/// One tick: lease reaper and presence expiry. Failures are logged; the next tick retries.
+/// One tick: lease reaper, WAL checkpoint and presence expiry. Failures are logged; the next
+/// tick retries.
 pub async fn tick(state: &AppState, now: i64) {
     match messages::reap_tick(state, now).await {
         Ok(r) if r.redelivered + r.dead_lettered > 0 => {
@@ -41,6 +42,9 @@ pub async fn tick(state: &AppState, now: i64) {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "lease reaper failed"),
+    }
+    if let Err(e) = state.store.checkpoint().await {
+        tracing::warn!(error = %e, "WAL checkpoint failed");
     }
     match agents::expire_tick(state, now).await {
         Ok(0) => {}

@@ -131,18 +131,6 @@ pub async fn ack_many(
     Ok(acked)
 }
 
-/// Whether `recipient` has a message to claim now (a read: idle polling takes no write lock).
-pub async fn has_claimable(pool: &SqlitePool, recipient: &str, now: i64) -> Result<bool> {
-    Ok(sqlx::query_scalar::<_, i64>(
-        "SELECT EXISTS (SELECT 1 FROM message WHERE recipient = ? AND state = 'queued' AND visible_at <= ?)",
-    )
-    .bind(recipient)
-    .bind(now)
-    .fetch_one(pool)
-    .await?
-        == 1)
-}
-
 /// Claims up to `limit` visible queued messages under a fresh lease (or acks them at once with
 /// `auto_ack`). Returned in claim order.
 pub async fn claim(
