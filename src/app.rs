@@ -56,6 +56,9 @@ impl App {
     /// Opens the store (applying migrations), creates the broker and binds the listener.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<App> {
         let store = Store::open(config.sqlite_path()).await?;
+        store
+            .set_queue_cap(config.limits.max_queued_per_agent)
+            .await?;
         let broker = match &config.redis_url {
             Some(url) => Broker::redis(url, &config.key_prefix)?,
             None => Broker::memory(),

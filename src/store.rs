@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::broker::Broker;
 use crate::error::Result;
-use crate::events::{self, Event, NewEvent};
+use crate::events::{self, NewEvent};
 
 /// WAL frames (pages) after which the background checkpoint makes the writer start the WAL over.
 const WAL_RESTART_FRAMES: i64 = 4096;
@@ -27,12 +27,28 @@ const WAL_RESTART_FRAMES: i64 = 4096;
 /// times more than the statements of a typical write.
 struct WriteConn {
     conn: SqliteConnection,
+    /// Every logged event up to here has been handed to the broker.
+    published_through: i64,
     /// A transaction was begun and neither committed nor rolled back yet (its [`Writer`] was
     /// dropped on an error path); the next user rolls it back first.
     in_tx: bool,
 }
 
 impl WriteConn {
+    /// Hands every event logged since the last call to the broker, in `seq` order. Called after
+    /// each commit while the connection is still held, so publication follows commit order.
+    /// (With several instances it also re-publishes their events: the hub drops repeats.)
+    async fn publish_logged(&mut self, broker: &Broker) -> Result<()> {
+        let logged = events::db::after(&mut self.conn, self.published_through).await?;
+        if let Some(last) = logged.last() {
+            self.published_through = last.seq;
+        }
+        for event in logged {
+            broker.publish(event);
+        }
+        Ok(())
+    }
+
     async fn settle(&mut self) -> Result<()> {
         if self.in_tx {
             sqlx::query("ROLLBACK").execute(&mut self.conn).await?;
@@ -71,13 +87,18 @@ impl Store {
             .await?;
         sqlx::migrate!().run(&mut conn).await?;
         let checkpointer = options.clone().connect().await?;
+        let published_through = events::db::latest_seq(&mut conn).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
             .connect_with(options.read_only(true))
             .await?;
         Ok(Store {
-            writer: Arc::new(Mutex::new(WriteConn { conn, in_tx: false })),
+            writer: Arc::new(Mutex::new(WriteConn {
+                conn,
+                published_through,
+                in_tx: false,
+            })),
             checkpointer: Arc::new(Mutex::new(checkpointer)),
             read,
         })
@@ -105,16 +126,27 @@ impl Store {
         guard.in_tx = true;
         Ok(Writer {
             guard: Some(guard),
-            events: Vec::new(),
+            emitted: false,
         })
     }
 
-    /// The write connection for one autocommit statement that emits no event (a claim): no
-    /// transaction round trips.
+    /// The write connection without a transaction: for single statements (a claim, a batch of
+    /// acks, a batch of sends whose events triggers log), and transactions of its own.
     pub async fn autocommit(&self) -> Result<AutoCommit> {
         let mut guard = self.writer.clone().lock_owned().await;
         guard.settle().await?;
         Ok(AutoCommit(guard))
+    }
+
+    /// Sets the per-recipient cap the send triggers enforce.
+    pub async fn set_queue_cap(&self, cap: u32) -> Result<()> {
+        let mut writer = self.writer.lock().await;
+        writer.settle().await?;
+        sqlx::query("UPDATE meta SET value = ? WHERE key = 'max_queued_per_agent'")
+            .bind(cap)
+            .execute(&mut writer.conn)
+            .await?;
+        Ok(())
     }
 
     /// Keeps the WAL bounded without putting a checkpoint (and its fsync) inside a commit: a
@@ -155,6 +187,29 @@ impl Store {
 /// Exclusive use of the write connection outside a transaction.
 pub struct AutoCommit(OwnedMutexGuard<WriteConn>);
 
+impl AutoCommit {
+    /// Publishes what the statements run here logged (events written by triggers).
+    pub async fn publish_logged(&mut self, broker: &Broker) -> Result<()> {
+        self.0.publish_logged(broker).await
+    }
+
+    /// `BEGIN IMMEDIATE`; if this handle is dropped before [`AutoCommit::commit`], the next user
+    /// of the connection rolls back first.
+    pub async fn begin(&mut self) -> Result<()> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.0.conn)
+            .await?;
+        self.0.in_tx = true;
+        Ok(())
+    }
+
+    pub async fn commit(&mut self) -> Result<()> {
+        sqlx::query("COMMIT").execute(&mut self.0.conn).await?;
+        self.0.in_tx = false;
+        Ok(())
+    }
+}
+
 impl Deref for AutoCommit {
     type Target = SqliteConnection;
     fn deref(&self) -> &SqliteConnection {
@@ -173,7 +228,8 @@ impl DerefMut for AutoCommit {
 pub struct Writer {
     /// Always `Some` until commit or drop.
     guard: Option<OwnedMutexGuard<WriteConn>>,
-    events: Vec<Event>,
+    /// Whether anything was logged: only then is there something to publish.
+    emitted: bool,
 }
 
 impl Writer {
@@ -184,18 +240,8 @@ impl Writer {
 
     /// Appends an event to the log in this transaction; it is published after commit.
     pub async fn emit(&mut self, event: NewEvent) -> Result<()> {
-        let event = events::db::append(self.conn(), event).await?;
-        self.events.push(event);
-        Ok(())
-    }
-
-    /// Appends many events in one statement; they are published after commit, in order.
-    pub async fn emit_many(&mut self, events: Vec<NewEvent>) -> Result<()> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let appended = events::db::append_many(self.conn(), events).await?;
-        self.events.extend(appended);
+        events::db::append(self.conn(), event).await?;
+        self.emitted = true;
         Ok(())
     }
 
@@ -205,8 +251,8 @@ impl Writer {
         let mut guard = self.guard.take().expect("an open writer");
         sqlx::query("COMMIT").execute(&mut guard.conn).await?;
         guard.in_tx = false;
-        for event in std::mem::take(&mut self.events) {
-            broker.publish(event);
+        if self.emitted {
+            guard.publish_logged(broker).await?;
         }
         Ok(())
     }

@@ -19,59 +19,28 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
     })
 }
 
-/// Appends an event (inside the caller's transaction) and returns it with its `seq`.
-pub async fn append(conn: &mut SqliteConnection, event: NewEvent) -> Result<Event> {
-    let at = now_ms();
-    let data = event.data.to_string();
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO event (topic, type, agent_id, at, data) VALUES (?, ?, ?, ?, ?) RETURNING seq",
-    )
-    .bind(event.topic)
-    .bind(event.kind)
-    .bind(&event.agent_id)
-    .bind(at)
-    .bind(&data)
-    .fetch_one(conn)
-    .await?;
-    Ok(Event {
-        seq,
-        topic: event.topic.to_owned(),
-        kind: event.kind.to_owned(),
-        agent_id: event.agent_id,
-        at,
-        data: event.data,
-    })
+/// Appends an event (inside the caller's transaction); it is published after the commit.
+pub async fn append(conn: &mut SqliteConnection, event: NewEvent) -> Result<()> {
+    sqlx::query("INSERT INTO event (topic, type, agent_id, at, data) VALUES (?, ?, ?, ?, ?)")
+        .bind(event.topic)
+        .bind(event.kind)
+        .bind(&event.agent_id)
+        .bind(now_ms())
+        .bind(event.data.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
-/// Appends many events in one statement (inside the caller's transaction), in order.
-pub async fn append_many(conn: &mut SqliteConnection, events: Vec<NewEvent>) -> Result<Vec<Event>> {
-    let at = now_ms();
-    let mut appended = Vec::with_capacity(events.len());
-    // 5 variables a row: well inside SQLite's limit of 32 766 per statement.
-    for chunk in events.chunks(1000) {
-        let mut insert =
-            sqlx::QueryBuilder::new("INSERT INTO event (topic, type, agent_id, at, data) ");
-        insert.push_values(chunk, |mut row, event| {
-            row.push_bind(event.topic)
-                .push_bind(event.kind)
-                .push_bind(event.agent_id.clone())
-                .push_bind(at)
-                .push_bind(event.data.to_string());
-        });
-        insert.push(" RETURNING seq");
-        let mut seqs: Vec<i64> = insert.build_query_scalar().fetch_all(&mut *conn).await?;
-        // AUTOINCREMENT numbers the rows in VALUES order; RETURNING promises no order.
-        seqs.sort_unstable();
-        appended.extend(chunk.iter().zip(seqs).map(|(event, seq)| Event {
-            seq,
-            topic: event.topic.to_owned(),
-            kind: event.kind.to_owned(),
-            agent_id: event.agent_id.clone(),
-            at,
-            data: event.data.clone(),
-        }));
-    }
-    Ok(appended)
+/// Every event after `since`, oldest first (what a commit on the writer logged).
+pub async fn after(conn: &mut SqliteConnection, since: i64) -> Result<Vec<Event>> {
+    let rows = sqlx::query(
+        "SELECT seq, topic, type, agent_id, at, data FROM event WHERE seq > ? ORDER BY seq",
+    )
+    .bind(since)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(event_from_row).collect()
 }
 
 /// Up to `limit` notifications for `agent_id` after `since`, oldest first.
@@ -114,10 +83,10 @@ pub async fn after_for_topics(
 }
 
 /// The newest `seq` in the log (0 when empty).
-pub async fn latest_seq(pool: &SqlitePool) -> Result<i64> {
+pub async fn latest_seq(conn: impl sqlx::SqliteExecutor<'_>) -> Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM event")
-            .fetch_one(pool)
+            .fetch_one(conn)
             .await?,
     )
 }

@@ -8,9 +8,8 @@
 //! per request falls. Every request still gets its own answer (202, 204, 409, 429, …), and the
 //! answer is sent only after the commit.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -18,8 +17,7 @@ use super::{NewMessage, SendReceipt, db, refusal};
 use crate::broker::Broker;
 use crate::common::new_id;
 use crate::error::{Error, Result};
-use crate::events::NewEvent;
-use crate::store::{Store, Writer};
+use crate::store::Store;
 
 /// Most requests committed together.
 pub const MAX_BATCH: usize = 512;
@@ -130,10 +128,7 @@ impl Committer {
             let sent = if sends.is_empty() {
                 Vec::new()
             } else {
-                let mut tx = self.store.begin().await?;
-                let sent = apply_sends(&mut tx, &sends, self.queue_cap).await?;
-                tx.commit(&self.broker).await?;
-                sent
+                apply_sends(&self.store, &self.broker, &sends, self.queue_cap).await?
             };
             // Acks emit no event: one autocommit statement, no transaction round trips.
             let acked = apply_acks(&self.store, &acks).await?;
@@ -167,13 +162,20 @@ fn idempotency_scope(job: &SendJob) -> String {
     format!("send:{}:{}", job.new.from, job.to)
 }
 
-/// Enqueues the batch's sends: idempotent replays answered from their first receipt, the
-/// per-recipient cap applied in arrival order, everything else inserted with its event.
+/// Enqueues the batch's sends in one INSERT (its triggers log the events and skip sends over a
+/// recipient's cap, answered 429). Idempotency-Key answers are read and written in the same
+/// transaction as the messages, so only batches with keys pay for `BEGIN` / `COMMIT`.
 async fn apply_sends(
-    tx: &mut Writer,
+    store: &Store,
+    broker: &Broker,
     jobs: &[SendJob],
     cap: u32,
 ) -> Result<Vec<Result<SendReceipt>>> {
+    let mut conn = store.autocommit().await?;
+    let keyed = jobs.iter().any(|j| j.idempotency_key.is_some());
+    if keyed {
+        conn.begin().await?;
+    }
     let mut answers: Vec<Option<Result<SendReceipt>>> = (0..jobs.len()).map(|_| None).collect();
     // Idempotency-Key: a stored answer, or the answer of an earlier job in this batch.
     let mut first_in_batch: HashMap<(String, &str), usize> = HashMap::new();
@@ -183,7 +185,7 @@ async fn apply_sends(
             continue;
         };
         let scope = idempotency_scope(job);
-        if let Some(body) = db::idempotent_answer(tx.conn(), &scope, key).await? {
+        if let Some(body) = db::idempotent_answer(&mut conn, &scope, key).await? {
             answers[i] =
                 Some(serde_json::from_str(&body).map_err(|e| Error::Internal(e.to_string())));
         } else if let Some(&first) = first_in_batch.get(&(scope.clone(), key)) {
@@ -193,27 +195,11 @@ async fn apply_sends(
         }
     }
 
-    let recipients: HashSet<&str> = jobs.iter().map(|j| j.to.as_str()).collect();
-    let recipients: Vec<&str> = recipients.into_iter().collect();
-    let mut pending = db::pending_counts(tx.conn(), &recipients).await?;
-    let mut accepted = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        if answers[i].is_some() || replay_of.contains_key(&i) {
-            continue;
-        }
-        let depth = pending.entry(job.to.as_str()).or_default();
-        if *depth >= i64::from(cap) {
-            answers[i] = Some(Err(Error::TooManyRequests(format!(
-                "queue full: {:?} already has {cap} waiting messages",
-                job.to
-            ))));
-            continue;
-        }
-        *depth += 1;
-        accepted.push((i, new_id("msg")));
-    }
-
-    let rows: Vec<db::Insert> = accepted
+    let fresh: Vec<(usize, String)> = (0..jobs.len())
+        .filter(|i| answers[*i].is_none() && !replay_of.contains_key(i))
+        .map(|i| (i, new_id("msg")))
+        .collect();
+    let rows: Vec<db::Insert> = fresh
         .iter()
         .map(|(i, message_id)| {
             let job = &jobs[*i];
@@ -229,26 +215,16 @@ async fn apply_sends(
             }
         })
         .collect();
-    db::insert_many(tx.conn(), &rows).await?;
-    let events = accepted
-        .iter()
-        .map(|(i, message_id)| {
-            let job = &jobs[*i];
-            NewEvent::new(
-                "messages",
-                "new_message",
-                json!({
-                    "message_id": message_id, "from": job.new.from, "to": job.to,
-                    "priority": job.new.priority, "message_type": job.new.message_type,
-                    "correlation_id": job.new.correlation_id,
-                }),
-            )
-            .to_agent(&job.to)
-        })
-        .collect();
-    tx.emit_many(events).await?;
-    for (i, message_id) in accepted {
+    let inserted = db::insert_many(&mut conn, &rows).await?;
+    for (i, message_id) in fresh {
         let job = &jobs[i];
+        if !inserted.contains(&message_id) {
+            answers[i] = Some(Err(Error::TooManyRequests(format!(
+                "queue full: {:?} already has {cap} waiting messages",
+                job.to
+            ))));
+            continue;
+        }
         let receipt = SendReceipt {
             message_id,
             recipient_online: job.recipient_online,
@@ -256,11 +232,15 @@ async fn apply_sends(
         if let Some(key) = job.idempotency_key.as_deref() {
             let body =
                 serde_json::to_string(&receipt).map_err(|e| Error::Internal(e.to_string()))?;
-            db::remember_answer(tx.conn(), &idempotency_scope(job), key, 202, &body, job.now)
+            db::remember_answer(&mut conn, &idempotency_scope(job), key, 202, &body, job.now)
                 .await?;
         }
         answers[i] = Some(Ok(receipt));
     }
+    if keyed {
+        conn.commit().await?;
+    }
+    conn.publish_logged(broker).await?;
     for (i, first) in replay_of {
         answers[i] = Some(match &answers[first] {
             Some(Ok(receipt)) => Ok(receipt.clone()),

@@ -2,11 +2,11 @@
 //! `(recipient, state, priority DESC, seq)`, so priority-then-FIFO holds, also for redelivered
 //! messages (they keep their `seq`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// A message row as the API shows it.
 #[derive(Debug, Clone)]
@@ -44,28 +44,6 @@ fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<MessageRow> {
     })
 }
 
-/// Waiting messages (queued or claimed) per recipient, from the trigger-kept `queue_depth`.
-pub async fn pending_counts<'a>(
-    conn: &mut SqliteConnection,
-    recipients: &[&'a str],
-) -> Result<HashMap<&'a str, i64>> {
-    let list = serde_json::to_string(recipients).map_err(|e| Error::Internal(e.to_string()))?;
-    let rows = sqlx::query(
-        "SELECT recipient, pending FROM queue_depth WHERE recipient IN (SELECT value FROM json_each(?))",
-    )
-    .bind(list)
-    .fetch_all(conn)
-    .await?;
-    let mut counts = HashMap::new();
-    for row in rows {
-        let recipient: String = row.try_get("recipient")?;
-        if let Some(r) = recipients.iter().find(|r| **r == recipient) {
-            counts.insert(*r, row.try_get("pending")?);
-        }
-    }
-    Ok(counts)
-}
-
 /// A message to enqueue.
 pub struct Insert<'a> {
     pub message_id: &'a str,
@@ -78,8 +56,14 @@ pub struct Insert<'a> {
     pub now: i64,
 }
 
-/// Enqueues messages, 500 rows a statement (9 variables a row: inside SQLite's limit).
-pub async fn insert_many(conn: &mut SqliteConnection, messages: &[Insert<'_>]) -> Result<()> {
+/// Enqueues messages, 500 rows a statement (9 variables a row: inside SQLite's limit). The
+/// triggers log each one's `new_message` event and skip any over its recipient's cap; returns the
+/// ids that went in.
+pub async fn insert_many(
+    conn: &mut SqliteConnection,
+    messages: &[Insert<'_>],
+) -> Result<HashSet<String>> {
+    let mut inserted = HashSet::with_capacity(messages.len());
     for chunk in messages.chunks(500) {
         let mut insert = QueryBuilder::new(
             "INSERT INTO message (message_id, sender, recipient, message_type, content, priority,
@@ -96,9 +80,11 @@ pub async fn insert_many(conn: &mut SqliteConnection, messages: &[Insert<'_>]) -
                 .push_bind(m.now)
                 .push_bind(m.now);
         });
-        insert.build().execute(&mut *conn).await?;
+        insert.push(" RETURNING message_id");
+        let ids: Vec<String> = insert.build_query_scalar().fetch_all(&mut *conn).await?;
+        inserted.extend(ids);
     }
-    Ok(())
+    Ok(inserted)
 }
 
 /// One ack to apply: (recipient, message_id, lease_id).
