@@ -8,13 +8,14 @@
 //!   dedicated (non-pooled) connection subscribed to the pattern `P ev:*` and reconnects it with
 //!   backoff; after a reconnect every stream re-reads the event log, so no gap survives an outage.
 //!
-//! Commands use a deadpool-redis pool with short timeouts: while Redis is down, calls fail fast
-//! with 503 instead of hanging requests.
+//! Commands share one multiplexed connection made by a deadpool-redis pool, with short timeouts:
+//! while Redis is down, calls fail fast with 503 instead of hanging requests.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Config, PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
@@ -49,6 +50,8 @@ pub struct RedisBroker {
     publish_tx: mpsc::Sender<Event>,
     publish_rx: Mutex<Option<mpsc::Receiver<Event>>>,
     take_expired: redis::Script,
+    /// The connection commands share (see [`RedisBroker::conn`]).
+    shared: Mutex<Option<MultiplexedConnection>>,
     /// Whether the pattern subscription is established (readiness).
     subscribed: AtomicBool,
 }
@@ -82,6 +85,7 @@ impl RedisBroker {
             publish_tx,
             publish_rx: Mutex::new(Some(publish_rx)),
             take_expired: redis::Script::new(TAKE_EXPIRED),
+            shared: Mutex::new(None),
             subscribed: AtomicBool::new(false),
         })
     }
@@ -90,16 +94,29 @@ impl RedisBroker {
         format!("{}{suffix}", self.prefix)
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection> {
-        self.pool.get().await.map_err(unavailable)
+    /// A handle on the shared multiplexed connection. The pool creates it (with its timeouts)
+    /// and it is then kept: a multiplexed connection already pipelines concurrent commands, and
+    /// a pool checkout per command would cost a `PING` round trip each time (deadpool-redis's
+    /// health check). A failed command drops it, and the next call takes a fresh one.
+    async fn conn(&self) -> Result<MultiplexedConnection> {
+        if let Some(conn) = self.shared.lock().expect("connection lock").as_ref() {
+            return Ok(conn.clone());
+        }
+        let conn = deadpool_redis::Connection::take(self.pool.get().await.map_err(unavailable)?);
+        *self.shared.lock().expect("connection lock") = Some(conn.clone());
+        Ok(conn)
     }
 
-    /// Runs one command future with the command timeout.
+    /// Runs one command future with the command timeout; a failure drops the shared connection.
     async fn timed<T>(&self, future: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
-        match tokio::time::timeout(COMMAND_TIMEOUT, future).await {
+        let result = match tokio::time::timeout(COMMAND_TIMEOUT, future).await {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(unavailable("command timed out")),
+        };
+        if result.is_err() {
+            self.shared.lock().expect("connection lock").take();
         }
+        result
     }
 
     pub fn publish(&self, event: Event) {

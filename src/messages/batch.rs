@@ -17,7 +17,7 @@ use super::{NewMessage, SendReceipt, db, refusal};
 use crate::broker::Broker;
 use crate::common::new_id;
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{AutoCommit, Store};
 
 /// Most requests committed together.
 pub const MAX_BATCH: usize = 512;
@@ -41,9 +41,21 @@ pub struct AckJob {
     pub reply: oneshot::Sender<Result<()>>,
 }
 
+/// A claim waiting for its turn on the write connection.
+pub struct ClaimJob {
+    pub agent_id: String,
+    pub limit: u32,
+    pub lease_id: String,
+    pub lease_expires_at: i64,
+    pub auto_ack: bool,
+    pub now: i64,
+    pub reply: oneshot::Sender<Result<Vec<db::MessageRow>>>,
+}
+
 pub enum Job {
     Send(SendJob),
     Ack(AckJob),
+    Claim(ClaimJob),
 }
 
 /// The handle requests submit to.
@@ -118,23 +130,58 @@ impl Committer {
         }
         let mut sends = Vec::new();
         let mut acks = Vec::new();
+        let mut claims = Vec::new();
         for job in jobs {
             match job {
                 Job::Send(s) => sends.push(s),
                 Job::Ack(a) => acks.push(a),
+                Job::Claim(c) => claims.push(c),
             }
         }
+        // One turn on the write connection for the whole batch: requests queue here, not on
+        // the connection's lock, where each would wait behind every other.
+        let mut conn = match self.store.autocommit().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::error!(error = %e, "the write connection is unavailable");
+                let failed = || Error::Unavailable("the store is unavailable; retry".into());
+                sends
+                    .into_iter()
+                    .for_each(|j| drop(j.reply.send(Err(failed()))));
+                acks.into_iter()
+                    .for_each(|j| drop(j.reply.send(Err(failed()))));
+                claims
+                    .into_iter()
+                    .for_each(|j| drop(j.reply.send(Err(failed()))));
+                return;
+            }
+        };
         let outcome = async {
             let sent = if sends.is_empty() {
                 Vec::new()
             } else {
-                apply_sends(&self.store, &self.broker, &sends, self.queue_cap).await?
+                apply_sends(&mut conn, &self.broker, &sends, self.queue_cap).await?
             };
             // Acks emit no event: one autocommit statement, no transaction round trips.
-            let acked = apply_acks(&self.store, &acks).await?;
+            let acked = apply_acks(&mut conn, &acks).await?;
             Ok::<_, Error>((sent, acked))
         }
         .await;
+        // Claims last, so they see this batch's sends; each is its own statement and answer.
+        for job in claims {
+            let claimed = db::claim(
+                &mut conn,
+                &job.agent_id,
+                job.limit,
+                &job.lease_id,
+                job.lease_expires_at,
+                job.auto_ack,
+                job.now,
+            )
+            .await;
+            let _ = job.reply.send(claimed);
+        }
+        drop(conn);
         match outcome {
             Ok((sent, acked)) => {
                 for (job, answer) in sends.into_iter().zip(sent) {
@@ -166,12 +213,11 @@ fn idempotency_scope(job: &SendJob) -> String {
 /// recipient's cap, answered 429). Idempotency-Key answers are read and written in the same
 /// transaction as the messages, so only batches with keys pay for `BEGIN` / `COMMIT`.
 async fn apply_sends(
-    store: &Store,
+    conn: &mut AutoCommit,
     broker: &Broker,
     jobs: &[SendJob],
     cap: u32,
 ) -> Result<Vec<Result<SendReceipt>>> {
-    let mut conn = store.autocommit().await?;
     let keyed = jobs.iter().any(|j| j.idempotency_key.is_some());
     if keyed {
         conn.begin().await?;
@@ -185,7 +231,7 @@ async fn apply_sends(
             continue;
         };
         let scope = idempotency_scope(job);
-        if let Some(body) = db::idempotent_answer(&mut conn, &scope, key).await? {
+        if let Some(body) = db::idempotent_answer(conn, &scope, key).await? {
             answers[i] =
                 Some(serde_json::from_str(&body).map_err(|e| Error::Internal(e.to_string())));
         } else if let Some(&first) = first_in_batch.get(&(scope.clone(), key)) {
@@ -215,7 +261,7 @@ async fn apply_sends(
             }
         })
         .collect();
-    let inserted = db::insert_many(&mut conn, &rows).await?;
+    let inserted = db::insert_many(conn, &rows).await?;
     for (i, message_id) in fresh {
         let job = &jobs[i];
         if !inserted.contains(&message_id) {
@@ -232,8 +278,7 @@ async fn apply_sends(
         if let Some(key) = job.idempotency_key.as_deref() {
             let body =
                 serde_json::to_string(&receipt).map_err(|e| Error::Internal(e.to_string()))?;
-            db::remember_answer(&mut conn, &idempotency_scope(job), key, 202, &body, job.now)
-                .await?;
+            db::remember_answer(conn, &idempotency_scope(job), key, 202, &body, job.now).await?;
         }
         answers[i] = Some(Ok(receipt));
     }
@@ -256,7 +301,7 @@ async fn apply_sends(
 
 /// Acks the batch's messages held under live leases in one autocommit statement; the rest are
 /// explained one by one (a repeated ack under the lease that acked is a success).
-async fn apply_acks(store: &Store, jobs: &[AckJob]) -> Result<Vec<Result<()>>> {
+async fn apply_acks(conn: &mut AutoCommit, jobs: &[AckJob]) -> Result<Vec<Result<()>>> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
@@ -271,15 +316,14 @@ async fn apply_acks(store: &Store, jobs: &[AckJob]) -> Result<Vec<Result<()>>> {
             )
         })
         .collect();
-    let mut conn = store.autocommit().await?;
-    let acked = db::ack_many(&mut conn, &keys, now).await?;
+    let acked = db::ack_many(conn, &keys, now).await?;
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
         if acked.contains(&(job.message_id.clone(), job.lease_id.clone())) {
             answers.push(Ok(()));
             continue;
         }
-        let current = db::lease_state(&mut conn, &job.agent_id, &job.message_id).await?;
+        let current = db::lease_state(conn, &job.agent_id, &job.message_id).await?;
         let answer = match current {
             Some(c)
                 if c.state == "acked" && c.lease_id.as_deref() == Some(job.lease_id.as_str()) =>

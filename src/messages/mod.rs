@@ -235,19 +235,21 @@ pub async fn claim(state: &AppState, agent_id: &str, request: ClaimRequest) -> R
     let now = now_ms();
     let lease_id = new_id("lse");
     let expires = now + i64::from(request.visibility_timeout_s) * 1000;
-    // One statement and no event: autocommit, without the transaction's round trips.
-    let mut conn = state.store.autocommit().await?;
-    let rows = db::claim(
-        &mut conn,
-        agent_id,
-        request.limit,
-        &lease_id,
-        expires,
-        request.auto_ack,
+    // One statement, no event: it takes its turn in the write batches (see `batch`).
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = batch::ClaimJob {
+        agent_id: agent_id.to_owned(),
+        limit: request.limit,
+        lease_id,
+        lease_expires_at: expires,
+        auto_ack: request.auto_ack,
         now,
-    )
-    .await?;
-    drop(conn);
+        reply,
+    };
+    state.batcher.submit(batch::Job::Claim(job)).await?;
+    let rows = answer
+        .await
+        .map_err(|_| Error::Unavailable("the service is shutting down".into()))??;
     let messages = rows
         .into_iter()
         .map(Message::from_row)
