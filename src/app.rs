@@ -19,7 +19,8 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::trace::TraceLayer;
+use tower_http::LatencyUnit;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::broker::Broker;
 use crate::config::Config;
@@ -177,7 +178,8 @@ pub fn router(state: AppState) -> Router {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         tracing::info_span!("request", method = %request.method(), route, request_id = id)
-    });
+    })
+    .on_response(DefaultOnResponse::new().latency_unit(LatencyUnit::Micros));
     Router::new()
         .merge(agents::routes::router())
         .merge(messages::routes::router())
