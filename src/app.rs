@@ -16,10 +16,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
+use tower_http::LatencyUnit;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::LatencyUnit;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::broker::Broker;
@@ -166,20 +166,21 @@ pub fn router(state: AppState) -> Router {
         next: Arc::default(),
     };
     let timeout = Duration::from_secs(state.config.limits.request_timeout_s.into());
-    let trace = TraceLayer::new_for_http().make_span_with(|request: &Request| {
-        // The matched route, not the raw path: low-cardinality span names and labels.
-        let route = request
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or("unmatched", |p| p.as_str());
-        let id = request
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        tracing::info_span!("request", method = %request.method(), route, request_id = id)
-    })
-    .on_response(DefaultOnResponse::new().latency_unit(LatencyUnit::Micros));
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|request: &Request| {
+            // The matched route, not the raw path: low-cardinality span names and labels.
+            let route = request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", |p| p.as_str());
+            let id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", method = %request.method(), route, request_id = id)
+        })
+        .on_response(DefaultOnResponse::new().latency_unit(LatencyUnit::Micros));
     Router::new()
         .merge(agents::routes::router())
         .merge(messages::routes::router())

@@ -206,23 +206,38 @@ pub async fn send(
     }
 
     let now = now_ms();
-    let recipient_online = matches!(
-        state.broker.presence(&[to], now).await.as_deref(),
-        Ok([Some(_)])
-    );
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let job = batch::SendJob {
-        to: to.to_owned(),
-        new,
-        idempotency_key: idempotency_key.map(str::to_owned),
-        recipient_online,
-        now,
-        reply,
+    let online = async {
+        matches!(
+            state.broker.presence(&[to], now).await.as_deref(),
+            Ok([Some(_)])
+        )
     };
-    state.batcher.submit(batch::Job::Send(job)).await?;
-    answer
-        .await
-        .map_err(|_| Error::Unavailable("the service is shutting down".into()))?
+    let commit = |recipient_online| async move {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = batch::SendJob {
+            to: to.to_owned(),
+            new,
+            idempotency_key: idempotency_key.map(str::to_owned),
+            recipient_online,
+            now,
+            reply,
+        };
+        state.batcher.submit(batch::Job::Send(job)).await?;
+        answer
+            .await
+            .map_err(|_| Error::Unavailable("the service is shutting down".into()))?
+    };
+    if idempotency_key.is_some() {
+        // The stored answer includes `recipient_online`: know it before the commit.
+        let recipient_online = online.await;
+        return commit(recipient_online).await;
+    }
+    // Otherwise the presence lookup (a Redis round trip) overlaps the commit.
+    let (recipient_online, receipt) = tokio::join!(online, commit(false));
+    receipt.map(|receipt| SendReceipt {
+        recipient_online,
+        ..receipt
+    })
 }
 
 /// Claims messages under a fresh lease.
