@@ -38,7 +38,7 @@ pub struct AppState {
     pub broker: Broker,
     pub hub: Arc<Hub>,
     pub stream_slots: Arc<StreamSlots>,
-    /// Where sends and acks queue for their group commit.
+    /// Where sends, acks and claims queue for their batched turn on the write connection.
     pub batcher: messages::batch::Batcher,
     /// Cancelled when the service stops: loops and streams select on it.
     pub shutdown: CancellationToken,
@@ -54,9 +54,15 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the store (applying migrations), creates the broker and binds the listener.
+    /// Opens the store (applying migrations), creates the broker and binds the listener. An
+    /// error here is the operator's to fix: its message names the setting.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<App> {
-        let store = Store::open(config.sqlite_path()).await?;
+        let store = Store::open(config.sqlite_path()).await.map_err(|e| {
+            Error::Internal(format!(
+                "--database-url / LTMC_DATABASE_URL: cannot open {}: {e}",
+                config.sqlite_path()
+            ))
+        })?;
         store
             .set_queue_cap(config.limits.max_queued_per_agent)
             .await?;
@@ -64,9 +70,12 @@ impl App {
             Some(url) => Broker::redis(url, &config.key_prefix)?,
             None => Broker::memory(),
         };
-        let listener = TcpListener::bind(config.bind)
-            .await
-            .map_err(|e| Error::Internal(format!("cannot listen on {}: {e}", config.bind)))?;
+        let listener = TcpListener::bind(config.bind).await.map_err(|e| {
+            Error::Internal(format!(
+                "--bind / LTMC_BIND: cannot listen on {}: {e}",
+                config.bind
+            ))
+        })?;
         // The hub dispatches what is committed from here on.
         let last_seq = events::db::latest_seq(store.reader()).await?;
         let (batcher, committer) = messages::batch::channel(
@@ -111,32 +120,45 @@ impl App {
         } = self;
         let shutdown = state.shutdown.clone();
         let tracker = state.tracker.clone();
-        // The committer outlives the server: requests still in flight at the stop signal get
-        // their commits; it is stopped only once the server has answered them all.
+        // Stop order: the server (in-flight requests finish) → the committer (their commits) →
+        // streams and the background loop (the tracker) → the publisher, which flushes every
+        // event committed before it stops.
         let stop_committing = CancellationToken::new();
         let committing = tokio::spawn(committer.run(stop_committing.clone()));
+        let stop_publishing = CancellationToken::new();
+        let publishing = {
+            let (broker, token) = (state.broker.clone(), stop_publishing.clone());
+            tokio::spawn(async move { broker.run_publisher(token).await })
+        };
         {
             let (s, b) = (state.clone(), state.broker.clone());
             tracker
                 .spawn(async move { b.run_subscription(s.hub.clone(), s.shutdown.clone()).await });
-            let (b, token) = (state.broker.clone(), shutdown.clone());
-            tracker.spawn(async move { b.run_publisher(token).await });
             let s = state.clone();
             tracker.spawn(async move { background::run(s).await });
         }
-        tracing::info!(addr = %listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?,
-                       broker = state.broker.name(), auth = state.config.auth_enabled(), "ltmc serving");
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        tracing::info!(%addr, broker = state.broker.name(), auth = state.config.auth_enabled(), "ltmc serving");
         let router = router(state.clone());
-        axum::serve(listener, router)
+        let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
-            .map_err(|e| Error::Internal(format!("server: {e}")))?;
+            .map_err(|e| Error::Internal(format!("server: {e}")));
+        // Whatever ended the server, the rest still stops in order.
+        state.shutdown.cancel();
         stop_committing.cancel();
         if let Err(e) = committing.await {
             tracing::error!(error = %e, "the committer failed");
         }
         tracker.close();
         tracker.wait().await;
+        stop_publishing.cancel();
+        if let Err(e) = publishing.await {
+            tracing::error!(error = %e, "the publisher failed");
+        }
+        served?;
         state.store.close().await;
         tracing::info!("ltmc stopped");
         Ok(())

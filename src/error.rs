@@ -35,9 +35,9 @@ pub enum Error {
     TooManyRequests(String),
     #[error("{0}")]
     Unavailable(String),
-    #[error("store error")]
+    #[error("store error: {0}")]
     Store(#[from] sqlx::Error),
-    #[error("migration error")]
+    #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -87,6 +87,7 @@ impl Error {
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Store(e) if store_busy(e) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(_) | Error::Migrate(_) | Error::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -105,6 +106,7 @@ impl Error {
             Error::UnsupportedMediaType(_) => "unsupported-media-type",
             Error::TooManyRequests(_) => "too-many-requests",
             Error::Unavailable(_) => "unavailable",
+            Error::Store(e) if store_busy(e) => "unavailable",
             Error::Store(_) | Error::Migrate(_) | Error::Internal(_) => "internal",
         }
     }
@@ -118,6 +120,7 @@ impl Error {
                 .map(|e| format!("{}: {}", e.field, e.message))
                 .collect::<Vec<_>>()
                 .join("; "),
+            Error::Store(e) if store_busy(e) => "the store is busy; retry".to_owned(),
             Error::Store(_) | Error::Migrate(_) | Error::Internal(_) => {
                 "the server failed to handle this request; it has been logged".to_owned()
             }
@@ -133,6 +136,23 @@ impl Error {
                 _ => Vec::new(),
             },
         }
+    }
+}
+
+/// SQLite busy or locked (another instance held the write lock past the busy timeout), or no
+/// read connection free in time: the backing service is overloaded, not the request wrong.
+fn store_busy(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(e) => {
+            let code = e.code();
+            let primary = code
+                .as_deref()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map(|c| c & 0xff);
+            matches!(primary, Some(5 | 6)) // SQLITE_BUSY, SQLITE_LOCKED
+        }
+        _ => false,
     }
 }
 

@@ -37,7 +37,12 @@ fn main() -> ExitCode {
                 print!("{}", ltmc::openapi::document());
                 Ok::<(), ServeError>(())
             }
-            Command::Migrate => Ok(Store::migrate(cli.config.sqlite_path()).await?),
+            Command::Migrate => Store::migrate(cli.config.sqlite_path()).await.map_err(|e| {
+                ServeError::Config(format!(
+                    "--database-url / LTMC_DATABASE_URL: cannot migrate {}: {e}",
+                    cli.config.sqlite_path()
+                ))
+            }),
             Command::Serve => serve(cli.config).await,
         }
     });
@@ -69,7 +74,13 @@ impl From<ltmc::error::Error> for ServeError {
 async fn serve(config: Config) -> Result<(), ServeError> {
     config.check_exposure().map_err(ServeError::Config)?;
     let shutdown = CancellationToken::new();
-    let app = App::build(config, shutdown.clone()).await?;
+    let app = App::build(config, shutdown.clone()).await.map_err(|e| {
+        ServeError::Config(
+            e.to_string()
+                .trim_start_matches("internal error: ")
+                .to_owned(),
+        )
+    })?;
     tokio::spawn(async move {
         stop_signal().await;
         tracing::info!("stop signal received; shutting down");

@@ -1,14 +1,15 @@
 //! The SQL store, the source of truth. SQLite in WAL mode (`synchronous=NORMAL`: survives any
 //! crash of the process), one file, created if missing, migrations embedded and applied at start.
 //!
-//! Writes go through one connection and one [`Writer`] at a time: SQLite has a single writer
-//! anyway, and holding the connection from `BEGIN` until the committed events are handed to the
-//! publisher means events are published in exactly the order of their `seq` — a stream never
-//! sees a newer event before an older one from this instance. Reads use a separate pool and never
-//! wait for writers (WAL).
+//! All writes go through one owned connection, held by one user at a time: a [`Writer`] (an
+//! explicit transaction) or an [`AutoCommit`] (single statements, e.g. the batches of
+//! `messages::batch`). SQLite has a single writer anyway. Every event this connection logs is
+//! also captured in a per-connection outbox (a TEMP trigger), and after each commit, still holding
+//! the connection, the outbox is drained to the broker: events leave in exactly the order of their
+//! `seq`, including those written by triggers, and only this instance's own. Reads use a separate
+//! pool and never wait for writers (WAL).
 
 use std::ops::{Deref, DerefMut};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,34 +28,49 @@ const WAL_RESTART_FRAMES: i64 = 4096;
 /// times more than the statements of a typical write.
 struct WriteConn {
     conn: SqliteConnection,
-    /// Every logged event up to here has been handed to the broker.
-    published_through: i64,
-    /// A transaction was begun and neither committed nor rolled back yet (its [`Writer`] was
-    /// dropped on an error path); the next user rolls it back first.
+    /// A transaction may be open: set *before* `BEGIN` is sent and cleared only once it is known
+    /// to be over, so a request cancelled halfway never leaves the connection inside one.
     in_tx: bool,
 }
 
 impl WriteConn {
-    /// Hands every event logged since the last call to the broker, in `seq` order. Called after
-    /// each commit while the connection is still held, so publication follows commit order.
-    /// (With several instances it also re-publishes their events: the hub drops repeats.)
-    async fn publish_logged(&mut self, broker: &Broker) -> Result<()> {
-        let logged = events::db::after(&mut self.conn, self.published_through).await?;
-        if let Some(last) = logged.last() {
-            self.published_through = last.seq;
-        }
-        for event in logged {
-            broker.publish(event);
+    /// Ends a transaction a cancelled or failed user left open.
+    async fn settle(&mut self) -> Result<()> {
+        if self.in_tx {
+            match sqlx::query("ROLLBACK").execute(&mut self.conn).await {
+                Ok(_) => {}
+                // The COMMIT went through (or SQLite rolled back by itself): nothing is open.
+                Err(sqlx::Error::Database(e))
+                    if e.message().contains("no transaction is active") => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.in_tx = false;
         }
         Ok(())
     }
 
-    async fn settle(&mut self) -> Result<()> {
-        if self.in_tx {
-            sqlx::query("ROLLBACK").execute(&mut self.conn).await?;
-            self.in_tx = false;
-        }
+    async fn begin(&mut self) -> Result<()> {
+        self.in_tx = true;
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.conn)
+            .await?;
         Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<()> {
+        sqlx::query("COMMIT").execute(&mut self.conn).await?;
+        self.in_tx = false;
+        Ok(())
+    }
+
+    /// Hands the events this connection logged since the last call to the broker, in `seq`
+    /// order. A failure is logged, not returned: what it reports on is already committed, and
+    /// streams re-read the log when they find a gap.
+    async fn publish_logged(&mut self, broker: &Broker) {
+        match events::db::drain_outbox(&mut self.conn).await {
+            Ok(logged) => logged.into_iter().for_each(|event| broker.publish(event)),
+            Err(e) => tracing::error!(error = %e, "committed events were not published"),
+        }
     }
 }
 
@@ -70,7 +86,8 @@ pub struct Store {
 impl Store {
     /// Opens (creating if missing) the SQLite file at `path` and applies the migrations.
     pub async fn open(path: &str) -> Result<Store> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+        let options = SqliteConnectOptions::new()
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -86,19 +103,15 @@ impl Store {
             .connect()
             .await?;
         sqlx::migrate!().run(&mut conn).await?;
+        events::db::create_outbox(&mut conn).await?;
         let checkpointer = options.clone().connect().await?;
-        let published_through = events::db::latest_seq(&mut conn).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
             .connect_with(options.read_only(true))
             .await?;
         Ok(Store {
-            writer: Arc::new(Mutex::new(WriteConn {
-                conn,
-                published_through,
-                in_tx: false,
-            })),
+            writer: Arc::new(Mutex::new(WriteConn { conn, in_tx: false })),
             checkpointer: Arc::new(Mutex::new(checkpointer)),
             read,
         })
@@ -120,10 +133,7 @@ impl Store {
     pub async fn begin(&self) -> Result<Writer> {
         let mut guard = self.writer.clone().lock_owned().await;
         guard.settle().await?;
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut guard.conn)
-            .await?;
-        guard.in_tx = true;
+        guard.begin().await?;
         Ok(Writer {
             guard: Some(guard),
             emitted: false,
@@ -131,7 +141,7 @@ impl Store {
     }
 
     /// The write connection without a transaction: for single statements (a claim, a batch of
-    /// acks, a batch of sends whose events triggers log), and transactions of its own.
+    /// acks, a batch of sends whose events triggers log), or a transaction of its own.
     pub async fn autocommit(&self) -> Result<AutoCommit> {
         let mut guard = self.writer.clone().lock_owned().await;
         guard.settle().await?;
@@ -140,11 +150,10 @@ impl Store {
 
     /// Sets the per-recipient cap the send triggers enforce.
     pub async fn set_queue_cap(&self, cap: u32) -> Result<()> {
-        let mut writer = self.writer.lock().await;
-        writer.settle().await?;
+        let mut writer = self.autocommit().await?;
         sqlx::query("UPDATE meta SET value = ? WHERE key = 'max_queued_per_agent'")
             .bind(cap)
-            .execute(&mut writer.conn)
+            .execute(&mut *writer)
             .await?;
         Ok(())
     }
@@ -163,10 +172,9 @@ impl Store {
             row.try_get(1)?
         };
         if frames > WAL_RESTART_FRAMES {
-            let mut writer = self.writer.lock().await;
-            writer.settle().await?;
+            let mut writer = self.autocommit().await?;
             sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&mut writer.conn)
+                .execute(&mut *writer)
                 .await?;
         }
         Ok(())
@@ -184,29 +192,27 @@ impl Store {
     }
 }
 
-/// Exclusive use of the write connection outside a transaction.
+/// Exclusive use of the write connection outside a [`Writer`].
 pub struct AutoCommit(OwnedMutexGuard<WriteConn>);
 
 impl AutoCommit {
     /// Publishes what the statements run here logged (events written by triggers).
-    pub async fn publish_logged(&mut self, broker: &Broker) -> Result<()> {
-        self.0.publish_logged(broker).await
+    pub async fn publish_logged(&mut self, broker: &Broker) {
+        self.0.publish_logged(broker).await;
     }
 
-    /// `BEGIN IMMEDIATE`; if this handle is dropped before [`AutoCommit::commit`], the next user
-    /// of the connection rolls back first.
+    /// `BEGIN IMMEDIATE`. Whoever uses the connection next rolls back a transaction left open.
     pub async fn begin(&mut self) -> Result<()> {
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut self.0.conn)
-            .await?;
-        self.0.in_tx = true;
-        Ok(())
+        self.0.begin().await
     }
 
     pub async fn commit(&mut self) -> Result<()> {
-        sqlx::query("COMMIT").execute(&mut self.0.conn).await?;
-        self.0.in_tx = false;
-        Ok(())
+        self.0.commit().await
+    }
+
+    /// Rolls back a transaction a failed step left open, so what follows runs on its own.
+    pub async fn settle(&mut self) -> Result<()> {
+        self.0.settle().await
     }
 }
 
@@ -223,7 +229,7 @@ impl DerefMut for AutoCommit {
     }
 }
 
-/// An open write transaction plus the events it will publish once committed. Dropping it without
+/// An open write transaction. Its events are published once committed; dropping it without
 /// [`Writer::commit`] rolls everything back and publishes nothing.
 pub struct Writer {
     /// Always `Some` until commit or drop.
@@ -249,10 +255,9 @@ impl Writer {
     /// write connection, so no later commit can be published before them.
     pub async fn commit(mut self, broker: &Broker) -> Result<()> {
         let mut guard = self.guard.take().expect("an open writer");
-        sqlx::query("COMMIT").execute(&mut guard.conn).await?;
-        guard.in_tx = false;
+        guard.commit().await?;
         if self.emitted {
-            guard.publish_logged(broker).await?;
+            guard.publish_logged(broker).await;
         }
         Ok(())
     }
@@ -260,9 +265,9 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Not committed (an error path): roll back now rather than at the next user's turn, so
-        // the file's write lock is not held meanwhile. The guard moves into the task, keeping
-        // the connection exclusive until the rollback is done.
+        // Not committed (an error path, or the request was cancelled): roll back now rather
+        // than at the next user's turn, so the file's write lock is not held meanwhile. The
+        // guard moves into the task, keeping the connection exclusive until that is done.
         if let Some(mut guard) = self.guard.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {

@@ -115,8 +115,4 @@ impl MemoryBroker {
         }
         expired
     }
-
-    pub fn active_count(&self) -> u64 {
-        self.presence.lock().expect("presence lock").agents.len() as u64
-    }
 }

@@ -55,7 +55,7 @@ impl Broker {
     }
 
     /// Publishes a committed event to every instance (this one included). Never waits: called
-    /// while the store's order lock is held, so events leave in `seq` order.
+    /// while the store's write connection is held, so events leave in `seq` order.
     pub fn publish(&self, event: Event) {
         match self {
             Broker::Memory(b) => b.publish(event),
@@ -120,14 +120,6 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.take_expired(now)),
             Broker::Redis(b) => b.take_expired(now).await,
-        }
-    }
-
-    /// How many agents are active (present).
-    pub async fn active_count(&self) -> Result<u64> {
-        match self {
-            Broker::Memory(b) => Ok(b.active_count()),
-            Broker::Redis(b) => b.active_count().await,
         }
     }
 

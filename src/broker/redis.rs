@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deadpool_redis::redis;
 use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Config, PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -32,6 +32,8 @@ use crate::events::hub::Hub;
 const PUBLISH_QUEUE: usize = 1 << 16;
 /// Longest a single Redis command may take before the request fails with 503.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the subscription connection proves it is alive.
+const SUBSCRIPTION_PING: Duration = Duration::from_secs(5);
 
 const TAKE_EXPIRED: &str = r"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 1000)
@@ -56,8 +58,10 @@ pub struct RedisBroker {
     subscribed: AtomicBool,
 }
 
+/// The cause is logged; the client is told only which service is down.
 fn unavailable(error: impl std::fmt::Display) -> Error {
-    Error::Unavailable(format!("redis is unavailable: {error}"))
+    tracing::warn!(error = %error, "redis command failed");
+    Error::Unavailable("redis is unavailable".into())
 }
 
 impl RedisBroker {
@@ -185,17 +189,36 @@ impl RedisBroker {
                 c = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub()) => c,
             };
             match connected {
-                Ok(Ok(mut pubsub)) => match pubsub.psubscribe(&pattern).await {
-                    Ok(()) => {
+                Ok(Ok(pubsub)) => match tokio::time::timeout(COMMAND_TIMEOUT, async {
+                    let (mut sink, messages) = pubsub.split();
+                    sink.psubscribe(&pattern).await.map(|()| (sink, messages))
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "psubscribe timed out",
+                    )))
+                }) {
+                    Ok((mut sink, mut messages)) => {
                         tracing::info!(%pattern, "redis subscription established");
                         backoff = Duration::from_millis(50);
                         self.subscribed.store(true, Ordering::Release);
                         // Anything published while we were away is in the log: streams re-read it.
                         hub.resync();
-                        let mut messages = pubsub.on_message();
+                        // A half-open TCP connection delivers nothing and reports no error:
+                        // a ping that goes unanswered ends the subscription, which reconnects.
+                        let mut liveness = tokio::time::interval(SUBSCRIPTION_PING);
+                        liveness.tick().await;
                         loop {
                             tokio::select! {
                                 _ = shutdown.cancelled() => return,
+                                _ = liveness.tick() => {
+                                    match tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await {
+                                        Ok(Ok(_)) => {}
+                                        _ => break,
+                                    }
+                                }
                                 message = messages.next() => match message {
                                     Some(message) => {
                                         match serde_json::from_slice::<Event>(message.get_payload_bytes()) {
@@ -292,14 +315,16 @@ impl RedisBroker {
             .collect())
     }
 
-    pub async fn active_count(&self) -> Result<u64> {
-        let mut conn = self.conn().await?;
-        self.timed(conn.scard(self.key("agents:active"))).await
-    }
-
+    /// Ready when a command round trip works and the event subscription is established.
     pub async fn ping(&self) -> Result<()> {
         let mut conn = self.conn().await?;
         self.timed(redis::cmd("PING").query_async::<()>(&mut conn))
-            .await
+            .await?;
+        if !self.subscribed.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(
+                "redis: the event subscription is not established".into(),
+            ));
+        }
+        Ok(())
     }
 }

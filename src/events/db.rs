@@ -32,15 +32,41 @@ pub async fn append(conn: &mut SqliteConnection, event: NewEvent) -> Result<()> 
     Ok(())
 }
 
-/// Every event after `since`, oldest first (what a commit on the writer logged).
-pub async fn after(conn: &mut SqliteConnection, since: i64) -> Result<Vec<Event>> {
-    let rows = sqlx::query(
-        "SELECT seq, topic, type, agent_id, at, data FROM event WHERE seq > ? ORDER BY seq",
+/// Creates the write connection's outbox: a TEMP table (private to that connection, rolled back
+/// with its transaction) that a TEMP trigger fills with every event the connection logs, including
+/// those logged by other triggers. Other instances' events never enter it.
+pub async fn create_outbox(conn: &mut SqliteConnection) -> Result<()> {
+    sqlx::query(
+        "CREATE TEMP TABLE IF NOT EXISTS outbox (
+             seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, type TEXT NOT NULL, agent_id TEXT,
+             at INTEGER NOT NULL, data TEXT NOT NULL)",
     )
-    .bind(since)
-    .fetch_all(conn)
+    .execute(&mut *conn)
     .await?;
-    rows.iter().map(event_from_row).collect()
+    sqlx::query(
+        "CREATE TEMP TRIGGER IF NOT EXISTS outbox_capture AFTER INSERT ON main.event
+         BEGIN
+             INSERT INTO outbox (seq, topic, type, agent_id, at, data)
+             VALUES (NEW.seq, NEW.topic, NEW.type, NEW.agent_id, NEW.at, NEW.data);
+         END",
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Takes everything from the outbox, oldest first.
+pub async fn drain_outbox(conn: &mut SqliteConnection) -> Result<Vec<Event>> {
+    let rows = sqlx::query("DELETE FROM outbox RETURNING seq, topic, type, agent_id, at, data")
+        .fetch_all(conn)
+        .await?;
+    let mut events = rows
+        .iter()
+        .map(event_from_row)
+        .collect::<Result<Vec<_>>>()?;
+    // RETURNING promises no order.
+    events.sort_unstable_by_key(|e| e.seq);
+    Ok(events)
 }
 
 /// Up to `limit` notifications for `agent_id` after `since`, oldest first.
@@ -101,25 +127,38 @@ pub async fn pruned_through(pool: &SqlitePool) -> Result<i64> {
     )
 }
 
-/// Deletes events older than `cutoff_ms`, always keeping the newest `keep` events. Returns how
-/// many were deleted.
-pub async fn prune(conn: &mut SqliteConnection, cutoff_ms: i64, keep: i64) -> Result<u64> {
-    let through: Option<i64> = sqlx::query_scalar(
-        "SELECT MAX(seq) FROM event
-         WHERE at < ? AND seq <= (SELECT COALESCE(MAX(seq), 0) FROM event) - ?",
+/// The newest `seq` that may be pruned: older than `cutoff_ms` (found from the oldest end, so
+/// only what will be deleted is read) and not among the newest `keep` events.
+pub async fn prunable_through(pool: &SqlitePool, cutoff_ms: i64, keep: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT MIN(COALESCE((SELECT seq FROM event WHERE at >= ? ORDER BY seq LIMIT 1) - 1,
+                            (SELECT COALESCE(MAX(seq), 0) FROM event)),
+                   (SELECT COALESCE(MAX(seq), 0) FROM event) - ?)",
     )
     .bind(cutoff_ms)
     .bind(keep)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Deletes up to `batch` of the oldest events at or below `through` and records how far the log
+/// was pruned. Returns how many were deleted.
+pub async fn prune(conn: &mut SqliteConnection, through: i64, batch: i64) -> Result<u64> {
+    let upto: Option<i64> = sqlx::query_scalar(
+        "SELECT MAX(seq) FROM (SELECT seq FROM event WHERE seq <= ? ORDER BY seq LIMIT ?)",
+    )
+    .bind(through)
+    .bind(batch)
     .fetch_one(&mut *conn)
     .await?;
-    let Some(through) = through else { return Ok(0) };
+    let Some(upto) = upto else { return Ok(0) };
     let deleted = sqlx::query("DELETE FROM event WHERE seq <= ?")
-        .bind(through)
+        .bind(upto)
         .execute(&mut *conn)
         .await?
         .rows_affected();
     sqlx::query("UPDATE meta SET value = MAX(value, ?) WHERE key = 'event_pruned_through'")
-        .bind(through)
+        .bind(upto)
         .execute(&mut *conn)
         .await?;
     Ok(deleted)

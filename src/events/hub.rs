@@ -45,8 +45,9 @@ struct Subscriber {
 struct Subscribers {
     agents: HashMap<String, Vec<Subscriber>>,
     firehose: Vec<(HashSet<String>, Subscriber)>,
-    /// The newest `seq` dispatched or covered by a resync.
-    last_seq: i64,
+    /// The newest `seq` dispatched or covered by a gap's resync; None right after a broker
+    /// resync, when the next event sets it (the streams' own catch-up covers what came before).
+    last_seq: Option<i64>,
 }
 
 impl Subscribers {
@@ -64,7 +65,6 @@ impl Subscribers {
 pub struct Hub {
     subscribers: Mutex<Subscribers>,
     next_id: AtomicU64,
-    open: AtomicU64,
 }
 
 /// A connection's handle on the hub; unsubscribes when dropped.
@@ -105,7 +105,7 @@ impl Hub {
     /// A hub for an instance starting when the log ends at `last_seq`.
     pub fn new(last_seq: i64) -> Arc<Hub> {
         let hub = Hub::default();
-        hub.subscribers.lock().expect("hub lock").last_seq = last_seq;
+        hub.subscribers.lock().expect("hub lock").last_seq = Some(last_seq);
         Arc::new(hub)
     }
 
@@ -130,7 +130,6 @@ impl Hub {
                 Interest::Topics(topics) => subs.firehose.push((topics.clone(), subscriber)),
             }
         }
-        self.open.fetch_add(1, Ordering::Relaxed);
         Subscription {
             hub: self.clone(),
             id,
@@ -142,33 +141,17 @@ impl Hub {
 
     fn unsubscribe(&self, id: u64, interest: &Interest) {
         let mut subs = self.subscribers.lock().expect("hub lock");
-        let removed = match interest {
-            Interest::Agent(agent) => match subs.agents.get_mut(agent) {
-                Some(list) => {
-                    let before = list.len();
+        match interest {
+            Interest::Agent(agent) => {
+                if let Some(list) = subs.agents.get_mut(agent) {
                     list.retain(|s| s.id != id);
-                    let removed = before != list.len();
                     if list.is_empty() {
                         subs.agents.remove(agent);
                     }
-                    removed
                 }
-                None => false,
-            },
-            Interest::Topics(_) => {
-                let before = subs.firehose.len();
-                subs.firehose.retain(|(_, s)| s.id != id);
-                before != subs.firehose.len()
             }
-        };
-        if removed || self.open.load(Ordering::Relaxed) > 0 {
-            self.open.fetch_sub(1, Ordering::Relaxed);
+            Interest::Topics(_) => subs.firehose.retain(|(_, s)| s.id != id),
         }
-    }
-
-    /// Open connections on this instance.
-    pub fn open_connections(&self) -> u64 {
-        self.open.load(Ordering::Relaxed)
     }
 
     /// Whether any connection on this instance listens to `agent_id`.
@@ -183,16 +166,18 @@ impl Hub {
     /// Delivers one event to every interested connection, dropping the ones that cannot keep up.
     pub fn dispatch(&self, event: &Event) {
         let mut subs = self.subscribers.lock().expect("hub lock");
-        if event.seq <= subs.last_seq {
-            // Late (or from before this instance started): a resync already covered it.
-            return;
+        if let Some(last) = subs.last_seq {
+            if event.seq <= last {
+                // Late (or from before this instance started): a resync already covered it.
+                return;
+            }
+            if event.seq > last + 1 {
+                subs.last_seq = Some(event.seq);
+                subs.resync();
+                return;
+            }
         }
-        let gap = event.seq > subs.last_seq + 1;
-        subs.last_seq = event.seq;
-        if gap {
-            subs.resync();
-            return;
-        }
+        subs.last_seq = Some(event.seq);
         if let Some(agent) = &event.agent_id
             && let Some(list) = subs.agents.get_mut(agent)
         {
@@ -231,6 +216,8 @@ impl Hub {
 
     /// Tells every connection to re-read the log (after the broker subscription was interrupted).
     pub fn resync(&self) {
-        self.subscribers.lock().expect("hub lock").resync();
+        let mut subs = self.subscribers.lock().expect("hub lock");
+        subs.last_seq = None;
+        subs.resync();
     }
 }

@@ -1,7 +1,8 @@
 //! The one event path. Every state change appends an [`Event`] to the store's event log in the
-//! same transaction as the change (`store::Writer::emit`), is published through the broker after
-//! commit, comes back through this instance's single broker subscription, and is fanned out by
-//! the [`hub::Hub`] to the WebSocket connections on this instance. Streams resume from the log.
+//! same transaction as the change (`store::Writer::emit`, or a trigger for a new message), is
+//! published through the broker after commit (the store's outbox, in `seq` order), comes back
+//! through this instance's single broker subscription, and is fanned out by the [`hub::Hub`] to
+//! the WebSocket connections on this instance. Streams resume from the log.
 
 pub mod db;
 pub mod hub;
@@ -92,12 +93,22 @@ impl Event {
 
 /// Events always kept, whatever their age.
 const KEEP_NEWEST_EVENTS: i64 = 1000;
+/// Events deleted per write transaction, so pruning a busy day never holds the writer for long.
+const PRUNE_BATCH: i64 = 5000;
 
-/// Prunes the event log past its retention (keeping the newest 1000 events).
+/// Prunes the event log past its retention (keeping the newest 1000 events), a batch per
+/// transaction.
 pub async fn prune_tick(state: &crate::app::AppState, now: i64) -> crate::error::Result<u64> {
     let cutoff = now - i64::from(state.config.limits.event_retention_h) * 3_600_000;
-    let mut tx = state.store.begin().await?;
-    let pruned = db::prune(tx.conn(), cutoff, KEEP_NEWEST_EVENTS).await?;
-    tx.commit(&state.broker).await?;
-    Ok(pruned)
+    let through = db::prunable_through(state.store.reader(), cutoff, KEEP_NEWEST_EVENTS).await?;
+    let mut pruned = 0;
+    loop {
+        let mut tx = state.store.begin().await?;
+        let deleted = db::prune(tx.conn(), through, PRUNE_BATCH).await?;
+        tx.commit(&state.broker).await?;
+        pruned += deleted;
+        if deleted < PRUNE_BATCH as u64 {
+            return Ok(pruned);
+        }
+    }
 }

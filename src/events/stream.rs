@@ -261,8 +261,12 @@ fn close_frame(code: u16, reason: &str) -> Message {
 enum Start {
     /// Live: frames after this `seq` (the log's end when the client connected).
     Live(i64),
-    /// Resume after this `seq`: a `resumed` frame, then what was missed.
-    Resume(i64),
+    /// Resume: a `resumed` frame, then what was logged after `from`.
+    Resume {
+        since: i64,
+        recovered: bool,
+        from: i64,
+    },
 }
 
 /// Subscribes to the hub, then fixes where the connection starts; called before the handshake
@@ -275,10 +279,25 @@ async fn open(
     let subscription = state
         .hub
         .subscribe(interest.clone(), state.config.limits.stream_buffer as usize);
+    // Live from now: a later resync must not replay history this client never asked for.
+    let latest = db::latest_seq(state.store.reader()).await?;
     let start = match since {
-        Some(since) => Start::Resume(since),
-        // Live from now: a later resync must not replay history this client never asked for.
-        None => Start::Live(db::latest_seq(state.store.reader()).await?),
+        None => Start::Live(latest),
+        // A position the log never reached (the database was replaced): not recoverable; carry
+        // on from the end rather than wait for seqs to catch up with it.
+        Some(since) if since > latest => Start::Resume {
+            since,
+            recovered: false,
+            from: latest,
+        },
+        Some(since) => {
+            let recovered = since >= db::pruned_through(state.store.reader()).await?;
+            Start::Resume {
+                since,
+                recovered,
+                from: since,
+            }
+        }
     };
     Ok((subscription, start))
 }
@@ -304,10 +323,9 @@ async fn serve(
     let end: Result<std::convert::Infallible, End> = async {
         let mut last_seq = match start {
             Start::Live(seq) => seq,
-            Start::Resume(since) => {
-                let recovered = since >= db::pruned_through(state.store.reader()).await.map_err(|_| End::Close(1011, "store unavailable"))?;
+            Start::Resume { since, recovered, from } => {
                 send(&mut socket, json!({"type": "resumed", "recovered": recovered, "since": since}).to_string()).await?;
-                catch_up(&state, &mut socket, &interest, since).await?
+                catch_up(&state, &mut socket, &interest, from).await?
             }
         };
         let period = Duration::from_secs(state.config.limits.ping_interval_s.into());

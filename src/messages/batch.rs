@@ -1,12 +1,14 @@
-//! Group commit for the two hottest writes, send and ack.
+//! Group commit for the hot writes: send, ack and claim.
 //!
-//! SQLite has one writer, and each statement is a round trip to sqlx's worker thread, so a write
-//! transaction per request caps throughput at a few thousand per second however fast SQLite is.
-//! Instead, requests queue here and one task commits whatever has gathered — up to
-//! [`MAX_BATCH`] sends and acks — in a single transaction of a few multi-row statements. Under
-//! light load a batch is one request and adds no wait; under heavy load batches grow and the cost
-//! per request falls. Every request still gets its own answer (202, 204, 409, 429, …), and the
-//! answer is sent only after the commit.
+//! SQLite has one writer, and each statement is a round trip to sqlx's worker thread, so a
+//! transaction per request caps throughput at a few thousand per second however fast SQLite is,
+//! and requests queued on the write connection's lock each wait behind every other. Instead these
+//! requests queue here and one task takes the write connection once per batch (up to
+//! [`MAX_BATCH`] requests): all sends go in as one INSERT (triggers log their events and apply the
+//! queue cap), all acks as one UPDATE, then each claim as its own statement. Under light load a
+//! batch is one request and adds no wait; under heavy load batches grow and the cost per request
+//! falls. Every request gets its own answer (202, 204, 409, 429, …), sent only after its
+//! statement committed.
 
 use std::collections::HashMap;
 
@@ -125,9 +127,6 @@ impl Committer {
 
     /// Commits one batch and answers every request in it.
     async fn commit(&self, jobs: Vec<Job>) {
-        if jobs.is_empty() {
-            return;
-        }
         let mut sends = Vec::new();
         let mut acks = Vec::new();
         let mut claims = Vec::new();
@@ -145,30 +144,38 @@ impl Committer {
             Err(e) => {
                 tracing::error!(error = %e, "the write connection is unavailable");
                 let failed = || Error::Unavailable("the store is unavailable; retry".into());
-                sends
-                    .into_iter()
-                    .for_each(|j| drop(j.reply.send(Err(failed()))));
-                acks.into_iter()
-                    .for_each(|j| drop(j.reply.send(Err(failed()))));
-                claims
-                    .into_iter()
-                    .for_each(|j| drop(j.reply.send(Err(failed()))));
+                reply_each(sends.into_iter().map(|j| j.reply), Err(failed()));
+                reply_each(acks.into_iter().map(|j| j.reply), Err(failed()));
+                reply_each(claims.into_iter().map(|j| j.reply), Err(failed()));
                 return;
             }
         };
-        let outcome = async {
-            let sent = if sends.is_empty() {
-                Vec::new()
-            } else {
-                apply_sends(&mut conn, &self.broker, &sends, self.queue_cap).await?
-            };
-            // Acks emit no event: one autocommit statement, no transaction round trips.
-            let acked = apply_acks(&mut conn, &acks).await?;
-            Ok::<_, Error>((sent, acked))
+        // Each step answers for itself: a failed ack step must not report committed sends as
+        // failed (a client would retry them into duplicates).
+        let sent = if sends.is_empty() {
+            Ok(Vec::new())
+        } else {
+            apply_sends(&mut conn, &self.broker, &sends, self.queue_cap).await
+        };
+        let settled = conn.settle().await; // a failed keyed send batch leaves its transaction open
+        reply_each(sends.into_iter().map(|j| j.reply), sent);
+        if let Err(e) = settled {
+            tracing::error!(error = %e, "could not roll back a failed send batch");
+            let failed = || Error::Unavailable("the store is unavailable; retry".into());
+            reply_each(acks.into_iter().map(|j| j.reply), Err(failed()));
+            reply_each(claims.into_iter().map(|j| j.reply), Err(failed()));
+            return;
         }
-        .await;
+        // Acks emit no event: one autocommit statement, no transaction round trips.
+        let acked = apply_acks(&mut conn, &acks).await;
+        reply_each(acks.into_iter().map(|j| j.reply), acked);
         // Claims last, so they see this batch's sends; each is its own statement and answer.
         for job in claims {
+            // The requester is gone (timed out, disconnected): claiming for nobody would park
+            // the messages under a lease no one holds and spend one of their deliveries.
+            if job.reply.is_closed() {
+                continue;
+            }
             let claimed = db::claim(
                 &mut conn,
                 &job.agent_id,
@@ -181,25 +188,27 @@ impl Committer {
             .await;
             let _ = job.reply.send(claimed);
         }
-        drop(conn);
-        match outcome {
-            Ok((sent, acked)) => {
-                for (job, answer) in sends.into_iter().zip(sent) {
-                    let _ = job.reply.send(answer);
-                }
-                for (job, answer) in acks.into_iter().zip(acked) {
-                    let _ = job.reply.send(answer);
-                }
+    }
+}
+
+/// Answers each request with its own result, or every one with 503 when the step failed as a
+/// whole (logged once, with its cause).
+fn reply_each<T>(
+    replies: impl ExactSizeIterator<Item = oneshot::Sender<Result<T>>>,
+    results: Result<Vec<Result<T>>>,
+) {
+    match results {
+        Ok(results) => {
+            for (reply, result) in replies.zip(results) {
+                let _ = reply.send(result);
             }
-            Err(e) => {
-                tracing::error!(error = %e, sends = sends.len(), acks = acks.len(), "batch commit failed");
-                let failed = || Error::Unavailable("the store failed to commit; retry".into());
-                for job in sends {
-                    let _ = job.reply.send(Err(failed()));
-                }
-                for job in acks {
-                    let _ = job.reply.send(Err(failed()));
-                }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, requests = replies.len(), "a write batch step failed");
+            for reply in replies {
+                let _ = reply.send(Err(Error::Unavailable(
+                    "the store could not commit this request; retry".into(),
+                )));
             }
         }
     }
@@ -285,7 +294,7 @@ async fn apply_sends(
     if keyed {
         conn.commit().await?;
     }
-    conn.publish_logged(broker).await?;
+    conn.publish_logged(broker).await;
     for (i, first) in replay_of {
         answers[i] = Some(match &answers[first] {
             Some(Ok(receipt)) => Ok(receipt.clone()),

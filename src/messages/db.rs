@@ -56,7 +56,8 @@ pub struct Insert<'a> {
     pub now: i64,
 }
 
-/// Enqueues messages, 500 rows a statement (9 variables a row: inside SQLite's limit). The
+/// Enqueues messages, 1000 rows a statement (9 variables a row: inside SQLite's limit of
+/// 32 766, and more than a write batch holds, so a batch is one atomic statement). The
 /// triggers log each one's `new_message` event and skip any over its recipient's cap; returns the
 /// ids that went in.
 pub async fn insert_many(
@@ -64,7 +65,7 @@ pub async fn insert_many(
     messages: &[Insert<'_>],
 ) -> Result<HashSet<String>> {
     let mut inserted = HashSet::with_capacity(messages.len());
-    for chunk in messages.chunks(500) {
+    for chunk in messages.chunks(1000) {
         let mut insert = QueryBuilder::new(
             "INSERT INTO message (message_id, sender, recipient, message_type, content, priority,
                                   correlation_id, created_at, visible_at) ",
@@ -103,7 +104,14 @@ pub async fn ack_many(
         update.push_bind(now);
         update.push(" WHERE state = 'claimed' AND lease_expires_at > ");
         update.push_bind(now);
-        update.push(" AND (recipient, message_id, lease_id) IN (");
+        // The plain `message_id IN (…)` lets SQLite use the unique index; the row-value test
+        // alone would scan every live lease.
+        update.push(" AND message_id IN (");
+        let mut ids = update.separated(", ");
+        for (_, message_id, _) in chunk {
+            ids.push_bind(message_id.to_string());
+        }
+        update.push(") AND (recipient, message_id, lease_id) IN (");
         update.push_values(chunk, |mut row, (recipient, message_id, lease_id)| {
             row.push_bind(recipient.to_string())
                 .push_bind(message_id.to_string())
@@ -245,13 +253,13 @@ pub async fn replay(
     recipient: &str,
     message_id: &str,
     now: i64,
-) -> Result<Option<i64>> {
-    Ok(sqlx::query_scalar(
+) -> Result<Option<(i64, String)>> {
+    Ok(sqlx::query_as(
         "UPDATE message
          SET state = 'queued', delivery_count = 0, visible_at = ?, lease_id = NULL,
              lease_expires_at = NULL, finished_at = NULL
          WHERE message_id = ? AND recipient = ? AND state = 'dead'
-         RETURNING priority",
+         RETURNING priority, sender",
     )
     .bind(now)
     .bind(message_id)
@@ -307,12 +315,14 @@ pub async fn reap_expired(
         .collect()
 }
 
-/// Forgets acked messages finished before `cutoff` (a repeated ack after that is 404).
-pub async fn prune_acked(conn: &mut SqliteConnection, cutoff: i64) -> Result<u64> {
+/// Forgets up to `batch` acked messages finished before `cutoff` (a repeated ack after that is
+/// 404).
+pub async fn prune_acked(conn: &mut SqliteConnection, cutoff: i64, batch: u32) -> Result<u64> {
     Ok(sqlx::query(
-        "DELETE FROM message WHERE seq IN (SELECT seq FROM message WHERE state = 'acked' AND finished_at < ? LIMIT 10000)",
+        "DELETE FROM message WHERE seq IN (SELECT seq FROM message WHERE state = 'acked' AND finished_at < ? LIMIT ?)",
     )
     .bind(cutoff)
+    .bind(batch)
     .execute(conn)
     .await?
     .rows_affected())

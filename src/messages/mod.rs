@@ -7,7 +7,9 @@
 //!   ack under the lease that acked is 204.
 //! - A lease that runs out puts the message back ([`reap_tick`]); after `max_deliveries` it moves
 //!   to the dead letters without blocking the messages behind it, until replayed.
-//! - Each send emits `new_message` on the recipient's stream, in the same transaction.
+//! - Each send logs `new_message` for the recipient's stream in the same statement (a trigger);
+//!   a redelivery or a replay notifies it again. Claims, acks, nacks and extends log no event.
+//! - Sends, acks and claims are committed in batches ([`batch`]).
 
 pub mod batch;
 pub mod db;
@@ -285,6 +287,7 @@ fn refusal(
     };
     let ours = current.lease_id.as_deref() == Some(lease_id);
     Error::Conflict(match current.state.as_str() {
+        "acked" if ours => "the message is already acked".to_owned(),
         "acked" => "the message was acked under another lease".to_owned(),
         "dead" => "the message is in the dead letters".to_owned(),
         "claimed" if ours => format!(
@@ -389,12 +392,15 @@ pub async fn replay(state: &AppState, agent_id: &str, message_id: &str) -> Resul
     validate_agent_id("agent_id", agent_id)?;
     let mut tx = state.store.begin().await?;
     match db::replay(tx.conn(), agent_id, message_id, now_ms()).await? {
-        Some(priority) => {
+        Some((priority, from)) => {
             tx.emit(
                 NewEvent::new(
                     "messages",
                     "new_message",
-                    json!({"message_id": message_id, "to": agent_id, "priority": priority, "replayed": true}),
+                    json!({
+                        "message_id": message_id, "from": from, "to": agent_id,
+                        "priority": priority, "replayed": true,
+                    }),
                 )
                 .to_agent(agent_id),
             )
@@ -496,9 +502,18 @@ pub async fn reap_tick(state: &AppState, now: i64) -> Result<Reaped> {
 
 /// Housekeeping: forgets acked messages and idempotency answers past their retention.
 pub async fn prune_tick(state: &AppState, now: i64) -> Result<u64> {
-    let mut tx = state.store.begin().await?;
-    let pruned = db::prune_acked(tx.conn(), now - ACKED_RETENTION_MS).await?
-        + db::prune_idempotency(tx.conn(), now - IDEMPOTENCY_RETENTION_MS).await?;
-    tx.commit(&state.broker).await?;
-    Ok(pruned)
+    // A batch per turn on the write connection, so other writes get theirs in between.
+    const BATCH: u32 = 5000;
+    let mut pruned = 0;
+    loop {
+        let mut conn = state.store.autocommit().await?;
+        let deleted = db::prune_acked(&mut conn, now - ACKED_RETENTION_MS, BATCH).await?;
+        drop(conn);
+        pruned += deleted;
+        if deleted < u64::from(BATCH) {
+            break;
+        }
+    }
+    let mut conn = state.store.autocommit().await?;
+    Ok(pruned + db::prune_idempotency(&mut conn, now - IDEMPOTENCY_RETENTION_MS).await?)
 }

@@ -11,7 +11,7 @@ use super::{
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::common::{Empty, Page};
-use crate::error::{Json, OptionalJson, Path, Problem, Query, Result};
+use crate::error::{Error, Json, OptionalJson, Path, Problem, Query, Result};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -53,7 +53,15 @@ pub async fn send(
     Json(new): Json<NewMessage>,
 ) -> Result<(StatusCode, Json<SendReceipt>)> {
     who.require_agent(&new.from)?;
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            Error::invalid(
+                "Idempotency-Key",
+                "must be visible ASCII (at most 256 bytes)",
+            )
+        })?),
+    };
     let receipt = super::send(&state, &to, new, key).await?;
     Ok((StatusCode::ACCEPTED, Json(receipt)))
 }

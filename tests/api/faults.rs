@@ -459,3 +459,32 @@ async fn redis_restart_loses_nothing_and_the_service_recovers_by_itself() {
     assert_eq!(claim_ids(&app, "worker").await, sent);
     app.stop().await;
 }
+
+// A write abandoned halfway (a handler cancelled by a timeout or a client that went away) is
+// rolled back, and the write connection serves the next request as if nothing happened.
+both_brokers!(an_abandoned_write_is_rolled_back, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    let mut tx = app.state.store.begin().await.unwrap();
+    tx.emit(ltmc::events::NewEvent::new(
+        "agents",
+        "test.abandoned",
+        serde_json::json!({}),
+    ))
+    .await
+    .unwrap();
+    drop(tx);
+    let id = app.send("w", "b", serde_json::json!("after"), 0).await;
+    let claimed = app.claim("w", serde_json::json!({})).await;
+    assert_eq!(claimed[0]["message_id"], id.as_str());
+    let mut firehose = app
+        .ws("/v1/events/stream?topics=agents&since=0", &[])
+        .await
+        .unwrap();
+    assert_eq!(firehose.frame().await["type"], "resumed");
+    // The abandoned event was never committed: nothing of it in the log.
+    assert!(matches!(
+        firehose.next(std::time::Duration::from_millis(300)).await,
+        crate::harness::Next::Timeout
+    ));
+    app.stop().await;
+});

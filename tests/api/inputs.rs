@@ -828,6 +828,18 @@ both_brokers!(bad_input_is_never_a_500, |kind| async move {
     )
     .await;
     assert_eq!(field(&answer), "Idempotency-Key");
+    // A key that is not visible ASCII is refused, not silently ignored (a retry would duplicate).
+    let answer = call(
+        request(&app, Method::POST, "/v1/agents/w/messages")
+            .header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(b"k\xe9y").unwrap(),
+            )
+            .json(&json!({"from": "b", "message_type": "t", "content": 1})),
+    )
+    .await;
+    assert_eq!(answer.status, 422);
+    assert_eq!(field(&answer), "Idempotency-Key");
     // The claimed message is still there under its lease.
     assert_eq!(count(&app, "w", "claimed").await, 1);
     app.stop().await;
@@ -892,6 +904,21 @@ async fn cli_bad_values_exit_2_with_one_line_naming_the_setting() {
             &["migrate", "--database-url", "mysql://x"],
             &[],
             "--database-url",
+        ),
+        // Well-formed, but the file cannot be created: still the operator's setting to fix.
+        (
+            &["--database-url", "sqlite:///nonexistent-ltmc-dir/x.db"],
+            &[],
+            "LTMC_DATABASE_URL",
+        ),
+        (
+            &[
+                "migrate",
+                "--database-url",
+                "sqlite:///nonexistent-ltmc-dir/x.db",
+            ],
+            &[],
+            "LTMC_DATABASE_URL",
         ),
     ];
     for (args, env, setting) in cases {

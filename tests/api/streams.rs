@@ -379,8 +379,37 @@ both_brokers!(expired_lease_notifies_the_stream_again, |kind| async move {
     assert_eq!(dead["type"], "message.dead_lettered");
     assert_eq!(dead["message_id"], id.as_str());
     assert_eq!(dead["delivery_count"], 2);
+
+    // A replay puts it back, and the stream is told so, sender included.
+    let replay = format!("/v1/agents/alice/messages/{id}/replay");
+    assert_eq!(app.post(&replay, json!({})).await.0, 204);
+    let replayed = alice.frame().await;
+    assert_eq!(replayed["type"], "new_message");
+    assert_eq!(replayed["message_id"], id.as_str());
+    assert_eq!(replayed["replayed"], true);
+    assert_eq!(replayed["from"], "boss");
     app.stop().await;
 });
+
+// A client resuming from a position the log never reached (say the database was replaced) is
+// told the gap is not recoverable and carries on live, rather than waiting for seqs to catch up.
+both_brokers!(
+    resume_from_beyond_the_log_is_not_recovered,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        app.send("alice", "boss", json!(0), 0).await;
+        let mut alice = app
+            .ws("/v1/agents/alice/stream?since=1000000", &[])
+            .await
+            .unwrap();
+        let resumed = alice.frame().await;
+        assert_eq!(resumed["type"], "resumed");
+        assert_eq!(resumed["recovered"], false);
+        let live = app.send("alice", "boss", json!(1), 0).await;
+        assert_eq!(alice.frame().await["message_id"], live.as_str());
+        app.stop().await;
+    }
+);
 
 both_brokers!(
     slow_consumer_is_closed_and_others_keep_receiving,
