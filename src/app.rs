@@ -127,8 +127,12 @@ impl App {
         let committing = tokio::spawn(committer.run(stop_committing.clone()));
         let stop_publishing = CancellationToken::new();
         let publishing = {
-            let (broker, token) = (state.broker.clone(), stop_publishing.clone());
-            tokio::spawn(async move { broker.run_publisher(token).await })
+            let (broker, hub, token) = (
+                state.broker.clone(),
+                state.hub.clone(),
+                stop_publishing.clone(),
+            );
+            tokio::spawn(async move { broker.run_publisher(hub, token).await })
         };
         {
             let (s, b) = (state.clone(), state.broker.clone());

@@ -71,11 +71,12 @@ impl Broker {
         }
     }
 
-    /// Runs the publisher (Redis: pipelines queued events to PUBLISH) until `shutdown`.
-    pub async fn run_publisher(&self, shutdown: CancellationToken) {
+    /// Runs the publisher until `shutdown` (Redis: dispatches committed events to `hub`, then
+    /// pipelines them to PUBLISH for the other instances).
+    pub async fn run_publisher(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
         match self {
             Broker::Memory(_) => {}
-            Broker::Redis(b) => b.run_publisher(shutdown).await,
+            Broker::Redis(b) => b.run_publisher(hub, shutdown).await,
         }
     }
 

@@ -4,9 +4,11 @@
 //! - `P agents:active` — SET of present agent ids.
 //! - `P agents:deadlines` — ZSET agent id → presence deadline (ms); the expiry loop takes due
 //!   members atomically (one Lua script), so with several instances each expiry fires once.
-//! - `P ev:{topic}` — pub/sub channels carrying committed events as JSON. Each instance holds one
-//!   dedicated (non-pooled) connection subscribed to the pattern `P ev:*` and reconnects it with
-//!   backoff; after a reconnect every stream re-reads the event log, so no gap survives an outage.
+//! - `P ev:{instance}:{topic}` — pub/sub channels carrying committed events as JSON. Each instance
+//!   dispatches its own events to its streams as it commits them, and holds one dedicated
+//!   (non-pooled) connection subscribed to the pattern `P ev:*` for everyone else's (skipping its
+//!   own channel), reconnected with backoff and a ping every few seconds; after a reconnect every
+//!   stream re-reads the event log, so no gap survives an outage.
 //!
 //! Commands share one multiplexed connection made by a deadpool-redis pool, with short timeouts:
 //! while Redis is down, calls fail fast with 503 instead of hanging requests.
@@ -54,6 +56,8 @@ pub struct RedisBroker {
     take_expired: redis::Script,
     /// The connection commands share (see [`RedisBroker::conn`]).
     shared: Mutex<Option<MultiplexedConnection>>,
+    /// Names this instance's channels, so its subscription can skip its own events.
+    instance: String,
     /// Whether the pattern subscription is established (readiness).
     subscribed: AtomicBool,
 }
@@ -91,6 +95,7 @@ impl RedisBroker {
             take_expired: redis::Script::new(TAKE_EXPIRED),
             shared: Mutex::new(None),
             subscribed: AtomicBool::new(false),
+            instance: crate::common::random_hex(6),
         })
     }
 
@@ -132,7 +137,9 @@ impl RedisBroker {
         }
     }
 
-    pub async fn run_publisher(&self, shutdown: CancellationToken) {
+    /// Hands each committed event to this instance's hub at once (local streams never wait for,
+    /// or depend on, Redis), then PUBLISHes it for the other instances, in batches.
+    pub async fn run_publisher(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
         let Some(mut rx) = self.publish_rx.lock().expect("publisher lock").take() else {
             return;
         };
@@ -148,9 +155,11 @@ impl RedisBroker {
                 while let Some(event) = rx.recv().await {
                     batch.push(event);
                 }
+                batch.iter().for_each(|event| hub.dispatch(event));
                 self.publish_batch(&mut batch).await;
                 return;
             }
+            batch.iter().for_each(|event| hub.dispatch(event));
             self.publish_batch(&mut batch).await;
         }
     }
@@ -161,7 +170,7 @@ impl RedisBroker {
         }
         let mut pipe = redis::pipe();
         for event in batch.iter() {
-            let channel = self.key(&format!("ev:{}", event.topic));
+            let channel = self.key(&format!("ev:{}:{}", self.instance, event.topic));
             match serde_json::to_string(event) {
                 Ok(payload) => {
                     pipe.publish(channel, payload).ignore();
@@ -182,6 +191,7 @@ impl RedisBroker {
 
     pub async fn run_subscription(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
         let pattern = self.key("ev:*");
+        let own = self.key(&format!("ev:{}:", self.instance));
         let mut backoff = Duration::from_millis(50);
         loop {
             let connected = tokio::select! {
@@ -220,6 +230,8 @@ impl RedisBroker {
                                     }
                                 }
                                 message = messages.next() => match message {
+                                    // This instance's own events were dispatched when committed.
+                                    Some(message) if message.get_channel_name().starts_with(&own) => {}
                                     Some(message) => {
                                         match serde_json::from_slice::<Event>(message.get_payload_bytes()) {
                                             Ok(event) => hub.dispatch(&event),
