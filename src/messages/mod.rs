@@ -13,7 +13,10 @@
 
 pub mod batch;
 pub mod db;
+mod reaper;
 pub mod routes;
+
+pub use reaper::{Reaped, prune_tick, reap_tick};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -25,11 +28,6 @@ use crate::common::{Page, new_id, now_ms, rfc3339, validate_agent_id, validate_t
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use db::MessageRow;
-
-/// How long an acked message is remembered (a repeated ack within it is 204).
-const ACKED_RETENTION_MS: i64 = 3_600_000;
-/// How long an `Idempotency-Key` answer is kept.
-const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 3_600_000;
 
 /// A message to send.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -460,60 +458,4 @@ fn dead_lettered(agent_id: &str, message_id: &str, delivery_count: i64) -> NewEv
         json!({"message_id": message_id, "to": agent_id, "delivery_count": delivery_count}),
     )
     .to_agent(agent_id)
-}
-
-/// What one reaper step did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Reaped {
-    pub redelivered: usize,
-    pub dead_lettered: usize,
-}
-
-/// One step of the lease reaper: expired leases go back to the queue (the recipient's stream is
-/// told `new_message` again) or, past `max_deliveries`, to the dead letters.
-pub async fn reap_tick(state: &AppState, now: i64) -> Result<Reaped> {
-    let mut outcome = Reaped::default();
-    let mut tx = state.store.begin().await?;
-    let reaped = db::reap_expired(tx.conn(), state.config.limits.max_deliveries, now, 1000).await?;
-    for m in &reaped {
-        if m.state == "dead" {
-            outcome.dead_lettered += 1;
-            tx.emit(dead_lettered(&m.recipient, &m.message_id, m.delivery_count))
-                .await?;
-        } else {
-            outcome.redelivered += 1;
-            tx.emit(
-                NewEvent::new(
-                    "messages",
-                    "new_message",
-                    json!({
-                        "message_id": m.message_id, "from": m.sender, "to": m.recipient,
-                        "priority": m.priority, "redelivered": true, "delivery_count": m.delivery_count,
-                    }),
-                )
-                .to_agent(&m.recipient),
-            )
-            .await?;
-        }
-    }
-    tx.commit(&state.broker).await?;
-    Ok(outcome)
-}
-
-/// Housekeeping: forgets acked messages and idempotency answers past their retention.
-pub async fn prune_tick(state: &AppState, now: i64) -> Result<u64> {
-    // A batch per turn on the write connection, so other writes get theirs in between.
-    const BATCH: u32 = 5000;
-    let mut pruned = 0;
-    loop {
-        let mut conn = state.store.autocommit().await?;
-        let deleted = db::prune_acked(&mut conn, now - ACKED_RETENTION_MS, BATCH).await?;
-        drop(conn);
-        pruned += deleted;
-        if deleted < u64::from(BATCH) {
-            break;
-        }
-    }
-    let mut conn = state.store.autocommit().await?;
-    Ok(pruned + db::prune_idempotency(&mut conn, now - IDEMPOTENCY_RETENTION_MS).await?)
 }
