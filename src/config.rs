@@ -145,8 +145,16 @@ impl Config {
         self.admin_token.is_some() || self.read_token.is_some()
     }
 
-    /// Refuse what must not start: a non-loopback bind with auth off, unless the operator insists.
+    /// Refuse what must not start: a non-loopback bind with auth off (unless the operator
+    /// insists), or auth without an admin token (no agent could ever register).
     pub fn check_exposure(&self) -> Result<(), String> {
+        if self.read_token.is_some() && self.admin_token.is_none() {
+            return Err(
+                "--admin-token / LTMC_ADMIN_TOKEN: required when a read token is set \
+                        (auth is on, and only the admin can register agents)"
+                    .into(),
+            );
+        }
         if !self.auth_enabled() && !self.bind.ip().is_loopback() && !self.insecure_no_auth {
             return Err(format!(
                 "--bind / LTMC_BIND: refusing to listen on non-loopback {} without tokens \

@@ -905,6 +905,12 @@ async fn cli_bad_values_exit_2_with_one_line_naming_the_setting() {
             &[],
             "--database-url",
         ),
+        // Auth on without an admin: no agent could ever register.
+        (
+            &[],
+            &[("LTMC_READ_TOKEN", "read-token-0123456789")],
+            "LTMC_ADMIN_TOKEN",
+        ),
         // Well-formed, but the file cannot be created: still the operator's setting to fix.
         (
             &["--database-url", "sqlite:///nonexistent-ltmc-dir/x.db"],
