@@ -3,7 +3,7 @@
 
 use utoipa::OpenApi;
 
-use crate::{agents, common, error, events, messages, ops};
+use crate::{agents, common, error, events, memory, messages, ops};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,9 +20,13 @@ WebSocket streams also take the subprotocol `bearer.<token>`.",
         messages::routes::send, messages::routes::list, messages::routes::claim,
         messages::routes::ack, messages::routes::nack, messages::routes::extend, messages::routes::replay,
         events::stream::agent_stream, events::stream::firehose,
+        memory::routes::store, memory::routes::list, memory::routes::get_memory, memory::routes::update,
+        memory::routes::link, memory::routes::edges, memory::routes::record, memory::routes::patterns,
+        memory::routes::stats,
         ops::healthz, ops::readyz, ops::openapi,
     ),
-    components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>)),
+    components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>,
+        common::Page<memory::Memory>, common::Page<memory::Edge>, common::Page<memory::Pattern>)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

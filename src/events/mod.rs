@@ -21,6 +21,7 @@ pub const TOPICS: &[&str] = &[
     "sessions",
     "workflows",
     "coordinations",
+    "memory",
 ];
 
 /// A committed state change.

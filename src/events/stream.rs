@@ -61,7 +61,8 @@ pub struct StreamQuery {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct FirehoseQuery {
-    /// Comma-separated: agents, messages, handoffs, sessions, workflows, coordinations (default: all).
+    /// Comma-separated: agents, messages, handoffs, sessions, workflows, coordinations, memory
+    /// (default: all).
     pub topics: Option<String>,
     pub since: Option<i64>,
 }

@@ -7,6 +7,7 @@ mod agents;
 mod auth;
 mod faults;
 mod inputs;
+mod memory;
 mod messages;
 mod openapi;
 mod streams;

@@ -1,0 +1,350 @@
+//! Memory, graph and patterns: the record of what happened and why. Memories are tagged free text
+//! with full-text search (SQLite FTS5), graph edges link nodes (`agent:planner —hands_off_to→
+//! agent:coder`), patterns pair a situation with what was done and, when known, whether it worked
+//! (`GET /v1/patterns/stats`). The service writes them itself as it works, through
+//! [`store_memory`], [`link`] and [`record_pattern`] inside the transaction of the change they
+//! describe; each write is an event on the `memory` topic.
+
+pub mod db;
+pub mod routes;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::common::{new_id, now_ms, rfc3339, validate_text};
+use crate::error::{Error, Result};
+use crate::events::NewEvent;
+use crate::store::Writer;
+
+/// Largest memory content, pattern context or solution, in bytes.
+const MAX_TEXT: usize = 64 << 10;
+/// Largest metadata or properties object, serialized.
+const MAX_OBJECT: usize = 64 << 10;
+
+/// A memory to store.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewMemory {
+    /// Free text, 1 byte to 64 KiB; searchable with `?q=`.
+    pub content: String,
+    /// At most 32 tags of 1-128 bytes.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+}
+
+/// Changes to a memory: `content` and `tags` are replaced, `metadata` keys are merged (a key set
+/// to null is removed).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryPatch {
+    pub content: Option<String>,
+    pub tags: Option<Vec<String>>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// A stored memory.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Memory {
+    pub memory_id: String,
+    pub content: String,
+    pub tags: Vec<String>,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// `GET /v1/memories` filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct MemoryQuery {
+    /// Only memories with this tag.
+    pub tag: Option<String>,
+    /// Full-text search: memories whose content has every word (in any order).
+    pub q: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// A graph edge to add.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewEdge {
+    /// A node name, e.g. `agent:planner` (1-256 bytes).
+    pub source: String,
+    pub target: String,
+    /// What links them, e.g. `hands_off_to` (1-128 bytes).
+    pub relationship: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub properties: Map<String, Value>,
+}
+
+/// A graph edge.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Edge {
+    pub edge_id: String,
+    pub source: String,
+    pub target: String,
+    pub relationship: String,
+    #[schema(value_type = Object)]
+    pub properties: Value,
+    pub created_at: String,
+}
+
+/// `GET /v1/graph/edges` filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EdgeQuery {
+    /// Edges from or to this node.
+    pub node: Option<String>,
+    pub relationship: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// A pattern to record.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewPattern {
+    /// The kind of pattern, e.g. `successful_orchestration` (1-128 bytes).
+    pub pattern_type: String,
+    /// The situation (1 byte to 64 KiB).
+    pub context: String,
+    /// What was done (1 byte to 64 KiB).
+    pub solution: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+    /// Whether it worked, when known: counted by `GET /v1/patterns/stats`.
+    pub success: Option<bool>,
+}
+
+/// A recorded pattern.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Pattern {
+    pub pattern_id: String,
+    pub pattern_type: String,
+    pub context: String,
+    pub solution: String,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub success: Option<bool>,
+    pub created_at: String,
+}
+
+/// `GET /v1/patterns` filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PatternQuery {
+    pub pattern_type: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// Uses and outcomes of one pattern type.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PatternTypeStats {
+    pub pattern_type: String,
+    /// How many patterns of this type were recorded.
+    pub uses: u64,
+    pub successes: u64,
+    pub failures: u64,
+    /// successes / (successes + failures); null while no outcome was recorded.
+    pub success_rate: Option<f64>,
+}
+
+/// `GET /v1/patterns/stats`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PatternStats {
+    pub types: Vec<PatternTypeStats>,
+}
+
+fn validate_tags(tags: &[String]) -> Result<()> {
+    if tags.len() > 32 {
+        return Err(Error::invalid("tags", "at most 32 tags"));
+    }
+    for (i, tag) in tags.iter().enumerate() {
+        validate_text(&format!("tags[{i}]"), tag, 128)?;
+    }
+    Ok(())
+}
+
+fn validate_object(field: &str, object: &Map<String, Value>) -> Result<()> {
+    if Value::Object(object.clone()).to_string().len() > MAX_OBJECT {
+        return Err(Error::PayloadTooLarge(format!(
+            "{field} is larger than {MAX_OBJECT} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Stores a memory in the caller's transaction (the service's own records use this too).
+pub async fn store_memory(tx: &mut Writer, new: NewMemory) -> Result<Memory> {
+    validate_text("content", &new.content, MAX_TEXT)?;
+    validate_tags(&new.tags)?;
+    validate_object("metadata", &new.metadata)?;
+    let now = now_ms();
+    let memory = db::MemoryRow {
+        memory_id: new_id("mem"),
+        content: new.content,
+        tags: new.tags,
+        metadata: Value::Object(new.metadata),
+        created_at: now,
+        updated_at: now,
+    };
+    db::insert_memory(tx.conn(), &memory).await?;
+    tx.emit(NewEvent::new(
+        "memory",
+        "memory.stored",
+        json!({"memory_id": memory.memory_id, "tags": memory.tags}),
+    ))
+    .await?;
+    Ok(memory.into())
+}
+
+/// Applies a patch to a memory.
+pub async fn update_memory(tx: &mut Writer, memory_id: &str, patch: MemoryPatch) -> Result<Memory> {
+    let mut memory = db::get_memory(tx.conn(), memory_id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no memory {memory_id:?}")))?;
+    if let Some(content) = patch.content {
+        validate_text("content", &content, MAX_TEXT)?;
+        memory.content = content;
+    }
+    if let Some(tags) = patch.tags {
+        validate_tags(&tags)?;
+        memory.tags = tags;
+    }
+    if let Some(changes) = patch.metadata {
+        let Value::Object(metadata) = &mut memory.metadata else {
+            return Err(Error::Internal("stored metadata is not an object".into()));
+        };
+        for (key, value) in changes {
+            if value.is_null() {
+                metadata.remove(&key);
+            } else {
+                metadata.insert(key, value);
+            }
+        }
+        validate_object("metadata", metadata)?;
+    }
+    memory.updated_at = now_ms();
+    db::update_memory(tx.conn(), &memory).await?;
+    tx.emit(NewEvent::new(
+        "memory",
+        "memory.updated",
+        json!({"memory_id": memory.memory_id}),
+    ))
+    .await?;
+    Ok(memory.into())
+}
+
+/// Adds a graph edge in the caller's transaction.
+pub async fn link(tx: &mut Writer, new: NewEdge) -> Result<Edge> {
+    validate_text("source", &new.source, 256)?;
+    validate_text("target", &new.target, 256)?;
+    validate_text("relationship", &new.relationship, 128)?;
+    validate_object("properties", &new.properties)?;
+    let edge = db::EdgeRow {
+        edge_id: new_id("edg"),
+        source: new.source,
+        target: new.target,
+        relationship: new.relationship,
+        properties: Value::Object(new.properties),
+        created_at: now_ms(),
+    };
+    db::insert_edge(tx.conn(), &edge).await?;
+    tx.emit(NewEvent::new(
+        "memory",
+        "graph.linked",
+        json!({"edge_id": edge.edge_id, "source": edge.source, "target": edge.target,
+               "relationship": edge.relationship}),
+    ))
+    .await?;
+    Ok(edge.into())
+}
+
+/// Records a pattern in the caller's transaction.
+pub async fn record_pattern(tx: &mut Writer, new: NewPattern) -> Result<Pattern> {
+    validate_text("pattern_type", &new.pattern_type, 128)?;
+    validate_text("context", &new.context, MAX_TEXT)?;
+    validate_text("solution", &new.solution, MAX_TEXT)?;
+    validate_object("metadata", &new.metadata)?;
+    let pattern = db::PatternRow {
+        pattern_id: new_id("pat"),
+        pattern_type: new.pattern_type,
+        context: new.context,
+        solution: new.solution,
+        metadata: Value::Object(new.metadata),
+        success: new.success,
+        created_at: now_ms(),
+    };
+    db::insert_pattern(tx.conn(), &pattern).await?;
+    tx.emit(NewEvent::new(
+        "memory",
+        "pattern.recorded",
+        json!({"pattern_id": pattern.pattern_id, "pattern_type": pattern.pattern_type,
+               "success": pattern.success}),
+    ))
+    .await?;
+    Ok(pattern.into())
+}
+
+/// Turns free text into an FTS5 query that cannot be a syntax error: every word becomes a quoted
+/// phrase (quotes doubled), and all of them must match.
+pub fn fts_query(text: &str) -> Option<String> {
+    let terms: Vec<String> = text
+        .split_whitespace()
+        .map(|word| format!("\"{}\"", word.replace('"', "\"\"")))
+        .collect();
+    (!terms.is_empty()).then(|| terms.join(" "))
+}
+
+impl From<db::MemoryRow> for Memory {
+    fn from(row: db::MemoryRow) -> Self {
+        Memory {
+            memory_id: row.memory_id,
+            content: row.content,
+            tags: row.tags,
+            metadata: row.metadata,
+            created_at: rfc3339(row.created_at),
+            updated_at: rfc3339(row.updated_at),
+        }
+    }
+}
+
+impl From<db::EdgeRow> for Edge {
+    fn from(row: db::EdgeRow) -> Self {
+        Edge {
+            edge_id: row.edge_id,
+            source: row.source,
+            target: row.target,
+            relationship: row.relationship,
+            properties: row.properties,
+            created_at: rfc3339(row.created_at),
+        }
+    }
+}
+
+impl From<db::PatternRow> for Pattern {
+    fn from(row: db::PatternRow) -> Self {
+        Pattern {
+            pattern_id: row.pattern_id,
+            pattern_type: row.pattern_type,
+            context: row.context,
+            solution: row.solution,
+            metadata: row.metadata,
+            success: row.success,
+            created_at: rfc3339(row.created_at),
+        }
+    }
+}
