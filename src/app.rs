@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::events::hub::Hub;
 use crate::events::stream::StreamSlots;
 use crate::store::Store;
-use crate::{agents, background, events, memory, messages, ops};
+use crate::{agents, background, events, handoffs, memory, messages, ops};
 
 /// What every handler and loop shares; cheap to clone.
 #[derive(Clone)]
@@ -212,6 +212,7 @@ pub fn router(state: AppState) -> Router {
         .merge(messages::routes::router())
         .merge(events::stream::router())
         .merge(memory::routes::router())
+        .merge(handoffs::routes::router())
         .merge(ops::router())
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {

@@ -113,6 +113,12 @@ pub struct Limits {
           value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_streams_per_token: u32,
 
+    /// Handoffs one session or workflow may go through before a new one is refused (422), so
+    /// agents cannot pass work back and forth forever.
+    #[arg(long, env = "LTMC_MAX_HANDOFF_HOPS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
+    pub max_handoff_hops: u32,
+
     /// Frames buffered per WebSocket connection; a consumer that falls this far behind is closed (4008).
     #[arg(long, env = "LTMC_STREAM_BUFFER", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1 << 20), global = true)]

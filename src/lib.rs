@@ -14,6 +14,7 @@ pub mod common; // ids, timestamps, pages
 pub mod config; // flags + LTMC_* environment
 pub mod error; // one error type -> problem+json
 pub mod events; // event log, hub fan-out, WebSocket streams
+pub mod handoffs; // work passed between agents with its context, digest-checked
 pub mod memory; // memories (full-text), graph edges, patterns: the record of what happened
 pub mod messages; // durable per-agent priority queues with leases
 pub mod openapi; // the OpenAPI document

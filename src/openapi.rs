@@ -3,7 +3,7 @@
 
 use utoipa::OpenApi;
 
-use crate::{agents, common, error, events, memory, messages, ops};
+use crate::{agents, common, error, events, handoffs, memory, messages, ops};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,10 +23,12 @@ WebSocket streams also take the subprotocol `bearer.<token>`.",
         memory::routes::store, memory::routes::list, memory::routes::get_memory, memory::routes::update,
         memory::routes::link, memory::routes::edges, memory::routes::record, memory::routes::patterns,
         memory::routes::stats,
+        handoffs::routes::initiate, handoffs::routes::list, handoffs::routes::get_handoff,
+        handoffs::routes::accept, handoffs::routes::complete, handoffs::routes::reject, handoffs::routes::cancel,
         ops::healthz, ops::readyz, ops::openapi,
     ),
     components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>,
-        common::Page<memory::Memory>, common::Page<memory::Edge>, common::Page<memory::Pattern>)),
+        common::Page<memory::Memory>, common::Page<handoffs::Handoff>, common::Page<memory::Edge>, common::Page<memory::Pattern>)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -6,6 +6,7 @@ mod harness;
 mod agents;
 mod auth;
 mod faults;
+mod handoffs;
 mod inputs;
 mod memory;
 mod messages;
