@@ -43,6 +43,7 @@ pub async fn tick(state: &AppState, now: i64) {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "lease reaper failed"),
     }
+    state.broker.purge_cache(now);
     if let Err(e) = state.store.checkpoint().await {
         tracing::warn!(error = %e, "WAL checkpoint failed");
     }

@@ -119,6 +119,11 @@ pub struct Limits {
           value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
     pub max_handoff_hops: u32,
 
+    /// Checkpoints kept per coordination (the newest; older ones are deleted as new ones come).
+    #[arg(long, env = "LTMC_CHECKPOINT_RETENTION", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
+    pub checkpoint_retention: u32,
+
     /// Frames buffered per WebSocket connection; a consumer that falls this far behind is closed (4008).
     #[arg(long, env = "LTMC_STREAM_BUFFER", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1 << 20), global = true)]

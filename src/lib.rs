@@ -10,6 +10,7 @@ pub mod app; // AppState, router, run(listener, shutdown)
 pub mod auth; // tokens and who may do what
 pub mod background; // the reaper / expiry / pruning loop as step functions
 pub mod broker; // enum Broker { Memory, Redis }: presence, pub/sub
+pub mod checkpoints; // coordination state saved and restored (cache fast path, store truth)
 pub mod common; // ids, timestamps, pages
 pub mod config; // flags + LTMC_* environment
 pub mod error; // one error type -> problem+json

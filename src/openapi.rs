@@ -3,7 +3,7 @@
 
 use utoipa::OpenApi;
 
-use crate::{agents, common, error, events, handoffs, memory, messages, ops};
+use crate::{agents, checkpoints, common, error, events, handoffs, memory, messages, ops};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,10 +25,11 @@ WebSocket streams also take the subprotocol `bearer.<token>`.",
         memory::routes::stats,
         handoffs::routes::initiate, handoffs::routes::list, handoffs::routes::get_handoff,
         handoffs::routes::accept, handoffs::routes::complete, handoffs::routes::reject, handoffs::routes::cancel,
+        checkpoints::routes::save, checkpoints::routes::restore, checkpoints::routes::list,
         ops::healthz, ops::readyz, ops::openapi,
     ),
     components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>,
-        common::Page<memory::Memory>, common::Page<handoffs::Handoff>, common::Page<memory::Edge>, common::Page<memory::Pattern>)),
+        common::Page<memory::Memory>, common::Page<handoffs::Handoff>, common::Page<checkpoints::Checkpoint>, common::Page<memory::Edge>, common::Page<memory::Pattern>)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -1,5 +1,6 @@
-//! The in-process broker: presence in a map with deadlines, pub/sub through one
-//! `tokio::sync::broadcast` channel that this instance's subscription drains into the hub.
+//! The in-process broker: presence in a map with deadlines, caches in a map with expiry, pub/sub
+//! through one `tokio::sync::broadcast` channel that this instance's subscription drains into the
+//! hub.
 //! `std::sync::Mutex` because no lock is held across an `.await`.
 
 use std::collections::{BTreeSet, HashMap};
@@ -24,6 +25,8 @@ struct PresenceTable {
 
 pub struct MemoryBroker {
     presence: Mutex<PresenceTable>,
+    /// key → (value, expires_at): the read-through caches.
+    cache: Mutex<HashMap<String, (Arc<str>, i64)>>,
     events: broadcast::Sender<Arc<Event>>,
     /// Created with the broker so nothing published before the subscription task starts is lost.
     first_receiver: Mutex<Option<broadcast::Receiver<Arc<Event>>>>,
@@ -40,6 +43,7 @@ impl MemoryBroker {
         let (events, receiver) = broadcast::channel(PUBSUB_CAPACITY);
         MemoryBroker {
             presence: Mutex::default(),
+            cache: Mutex::default(),
             events,
             first_receiver: Mutex::new(Some(receiver)),
         }
@@ -101,6 +105,33 @@ impl MemoryBroker {
                 .deadlines
                 .remove(&(old.expires_at, agent_id.to_owned()));
         }
+    }
+
+    pub fn cache_put(&self, key: &str, value: &str, expires_at: i64) {
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(key.to_owned(), (value.into(), expires_at));
+    }
+
+    pub fn cache_get(&self, key: &str, now: i64) -> Option<String> {
+        let cache = self.cache.lock().expect("cache lock");
+        cache
+            .get(key)
+            .filter(|(_, expires_at)| *expires_at > now)
+            .map(|(value, _)| value.to_string())
+    }
+
+    pub fn cache_del(&self, keys: &[String]) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        keys.iter().for_each(|key| drop(cache.remove(key)));
+    }
+
+    pub fn purge_cache(&self, now: i64) {
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .retain(|_, (_, expires_at)| *expires_at > now);
     }
 
     pub fn take_expired(&self, now: i64) -> Vec<(String, i64)> {

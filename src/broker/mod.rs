@@ -124,6 +124,44 @@ impl Broker {
         }
     }
 
+    /// Caches `value` under `key` for `ttl_ms` (a read-through cache: the store stays the truth,
+    /// so a failure here is only logged by callers).
+    pub async fn cache_put(&self, key: &str, value: &str, ttl_ms: i64, now: i64) -> Result<()> {
+        match self {
+            Broker::Memory(b) => {
+                b.cache_put(key, value, now + ttl_ms);
+                Ok(())
+            }
+            Broker::Redis(b) => b.cache_put(key, value, ttl_ms).await,
+        }
+    }
+
+    /// The cached value under `key`, if any.
+    pub async fn cache_get(&self, key: &str, now: i64) -> Result<Option<String>> {
+        match self {
+            Broker::Memory(b) => Ok(b.cache_get(key, now)),
+            Broker::Redis(b) => b.cache_get(key).await,
+        }
+    }
+
+    /// Forgets cached values (their records were deleted).
+    pub async fn cache_del(&self, keys: &[String]) -> Result<()> {
+        match self {
+            Broker::Memory(b) => {
+                b.cache_del(keys);
+                Ok(())
+            }
+            Broker::Redis(b) => b.cache_del(keys).await,
+        }
+    }
+
+    /// Drops expired cache entries (the in-process broker; Redis expires keys itself).
+    pub fn purge_cache(&self, now: i64) {
+        if let Broker::Memory(b) = self {
+            b.purge_cache(now);
+        }
+    }
+
     /// A round trip to the broker, for `/readyz`.
     pub async fn ping(&self) -> Result<()> {
         match self {

@@ -4,6 +4,8 @@
 //! - `P agents:active` — SET of present agent ids.
 //! - `P agents:deadlines` — ZSET agent id → presence deadline (ms); the expiry loop takes due
 //!   members atomically (one Lua script), so with several instances each expiry fires once.
+//! - `P cache:{key}` — STRING with a `PX` TTL: read-through caches of store records (e.g.
+//!   `cache:chk:{checkpoint_id}`); a miss reads the store and refills.
 //! - `P ev:{instance}:{topic}` — pub/sub channels carrying committed events as JSON. Each instance
 //!   dispatches its own events to its streams as it commits them, and holds one dedicated
 //!   (non-pooled) connection subscribed to the pattern `P ev:*` for everyone else's (skipping its
@@ -325,6 +327,39 @@ impl RedisBroker {
             .into_iter()
             .map(|(id, deadline)| (id, deadline as i64))
             .collect())
+    }
+
+    pub async fn cache_put(&self, key: &str, value: &str, ttl_ms: i64) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let cmd = redis::cmd("SET")
+            .arg(self.key(&format!("cache:{key}")))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .clone();
+        self.timed(cmd.query_async::<()>(&mut conn)).await
+    }
+
+    pub async fn cache_get(&self, key: &str) -> Result<Option<String>> {
+        let mut conn = self.conn().await?;
+        let cmd = redis::cmd("GET")
+            .arg(self.key(&format!("cache:{key}")))
+            .clone();
+        self.timed(cmd.query_async::<Option<String>>(&mut conn))
+            .await
+    }
+
+    pub async fn cache_del(&self, keys: &[String]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| self.key(&format!("cache:{k}")))
+            .collect();
+        self.timed(redis::cmd("DEL").arg(keys).query_async::<()>(&mut conn))
+            .await
     }
 
     /// Ready when a command round trip works and the event subscription is established.

@@ -5,6 +5,7 @@ mod harness;
 
 mod agents;
 mod auth;
+mod checkpoints;
 mod faults;
 mod handoffs;
 mod inputs;
