@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::events::hub::Hub;
 use crate::events::stream::StreamSlots;
 use crate::store::Store;
-use crate::{agents, background, checkpoints, events, handoffs, memory, messages, ops};
+use crate::{agents, background, checkpoints, events, handoffs, memory, messages, ops, sessions};
 
 /// What every handler and loop shares; cheap to clone.
 #[derive(Clone)]
@@ -214,6 +214,7 @@ pub fn router(state: AppState) -> Router {
         .merge(memory::routes::router())
         .merge(handoffs::routes::router())
         .merge(checkpoints::routes::router())
+        .merge(sessions::routes::router())
         .merge(ops::router())
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {

@@ -3,7 +3,9 @@
 
 use utoipa::OpenApi;
 
-use crate::{agents, checkpoints, common, error, events, handoffs, memory, messages, ops};
+use crate::{
+    agents, checkpoints, common, error, events, handoffs, memory, messages, ops, sessions,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,10 +28,12 @@ WebSocket streams also take the subprotocol `bearer.<token>`.",
         handoffs::routes::initiate, handoffs::routes::list, handoffs::routes::get_handoff,
         handoffs::routes::accept, handoffs::routes::complete, handoffs::routes::reject, handoffs::routes::cancel,
         checkpoints::routes::save, checkpoints::routes::restore, checkpoints::routes::list,
+        sessions::routes::create, sessions::routes::list, sessions::routes::get_session,
+        sessions::routes::record, sessions::routes::activities, sessions::routes::end,
         ops::healthz, ops::readyz, ops::openapi,
     ),
     components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>,
-        common::Page<memory::Memory>, common::Page<handoffs::Handoff>, common::Page<checkpoints::Checkpoint>, common::Page<memory::Edge>, common::Page<memory::Pattern>)),
+        common::Page<memory::Memory>, common::Page<handoffs::Handoff>, common::Page<checkpoints::Checkpoint>, common::Page<sessions::Session>, common::Page<memory::Edge>, common::Page<memory::Pattern>)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -12,4 +12,5 @@ mod inputs;
 mod memory;
 mod messages;
 mod openapi;
+mod sessions;
 mod streams;

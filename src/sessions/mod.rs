@@ -1,0 +1,301 @@
+//! Sessions: a unit of collaborative work with an activity log, kept across restarts of the
+//! service and of Redis (the store is the truth; the broker caches each session's hot record —
+//! status, activity counter, deadline — as a read-through cache). Each activity extends the life
+//! by `ttl_s`; a session idle past it expires ([`expire_tick`]) and takes no more activities
+//! (404). The newest 100 activities are kept.
+
+pub mod db;
+pub mod routes;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::app::AppState;
+use crate::common::{now_ms, random_hex, validate_agent_id, validate_text};
+use crate::error::{Error, Result};
+use crate::events::NewEvent;
+use crate::memory::{self, NewMemory};
+
+/// How long a session's hot record stays in the broker's cache.
+const CACHE_TTL_MS: i64 = 600_000;
+/// Largest context or activity details, serialized.
+const MAX_OBJECT: usize = 64 << 10;
+
+/// A session to open.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSession {
+    /// What kind of work, e.g. `code_review` (1-128 bytes).
+    pub session_type: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub context: Map<String, Value>,
+    /// Seconds of idleness before the session expires (1-2 592 000, default 86 400).
+    #[serde(default = "default_ttl")]
+    #[schema(default = 86400)]
+    pub ttl_s: u32,
+}
+
+fn default_ttl() -> u32 {
+    86_400
+}
+
+/// A session.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    pub session_id: String,
+    pub session_type: String,
+    #[schema(value_type = Object)]
+    pub context: Value,
+    /// `active`, `ended` or `expired`.
+    pub status: String,
+    pub ttl_s: u32,
+    pub created_at: String,
+    pub last_activity_at: String,
+    /// Every activity recorded (the log keeps the newest 100).
+    pub activity_count: i64,
+    pub expires_at: String,
+}
+
+/// An activity to record.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewActivity {
+    /// e.g. `file_edited` (1-128 bytes).
+    pub activity_type: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub details: Map<String, Value>,
+    /// The agent that did it (with an agent token: must be that agent).
+    pub agent_id: Option<String>,
+}
+
+/// A recorded activity.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Activity {
+    pub activity_type: String,
+    #[schema(value_type = Object)]
+    pub details: Value,
+    pub agent_id: Option<String>,
+    pub at: String,
+}
+
+/// The answer to recording an activity.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ActivityReceipt {
+    pub session_id: String,
+    pub activity_count: i64,
+    pub last_activity_at: String,
+    /// The session's new deadline.
+    pub expires_at: String,
+}
+
+/// A session's newest activities.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Activities {
+    pub items: Vec<Activity>,
+}
+
+/// `GET /v1/sessions` filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SessionQuery {
+    pub status: Option<String>,
+    pub session_type: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+fn cache_key(session_id: &str) -> String {
+    format!("sess:{session_id}")
+}
+
+fn too_large(field: &str, object: &Map<String, Value>) -> Result<String> {
+    let json = Value::Object(object.clone()).to_string();
+    if json.len() > MAX_OBJECT {
+        return Err(Error::PayloadTooLarge(format!(
+            "{field} is larger than {MAX_OBJECT} bytes"
+        )));
+    }
+    Ok(json)
+}
+
+/// Refreshes the hot copy; a failure only costs the fast path.
+async fn cache(state: &AppState, session: &Session) {
+    let cached = match serde_json::to_string(session) {
+        Ok(json) => {
+            state
+                .broker
+                .cache_put(
+                    &cache_key(&session.session_id),
+                    &json,
+                    CACHE_TTL_MS,
+                    now_ms(),
+                )
+                .await
+        }
+        Err(e) => Err(Error::Internal(e.to_string())),
+    };
+    if let Err(e) = cached {
+        tracing::warn!(error = %e, session_id = %session.session_id, "session not cached");
+    }
+}
+
+/// Opens a session (and records a memory of it).
+pub async fn create(state: &AppState, new: NewSession) -> Result<Session> {
+    validate_text("session_type", &new.session_type, 128)?;
+    if !(1..=2_592_000).contains(&new.ttl_s) {
+        return Err(Error::invalid("ttl_s", "must be 1-2592000 seconds"));
+    }
+    let context = too_large("context", &new.context)?;
+    let now = now_ms();
+    let session_id = format!("sess_{}_{}", now / 1000, random_hex(8));
+    let mut tx = state.store.begin().await?;
+    db::insert(
+        tx.conn(),
+        &db::NewRow {
+            session_id: &session_id,
+            session_type: &new.session_type,
+            context: &context,
+            ttl_s: new.ttl_s,
+            now,
+        },
+    )
+    .await?;
+    memory::store_memory(
+        &mut tx,
+        NewMemory {
+            content: format!("Session created: {}", new.session_type),
+            tags: vec![
+                "session".into(),
+                new.session_type.clone(),
+                session_id.clone(),
+            ],
+            metadata: Map::from_iter([
+                ("session_id".to_owned(), json!(session_id)),
+                ("session_type".to_owned(), json!(new.session_type)),
+            ]),
+        },
+    )
+    .await?;
+    tx.emit(NewEvent::new(
+        "sessions",
+        "session.created",
+        json!({"session_id": session_id, "session_type": new.session_type}),
+    ))
+    .await?;
+    let session = db::get(tx.conn(), &session_id)
+        .await?
+        .ok_or_else(|| Error::Internal("session vanished".into()))?;
+    tx.commit(&state.broker).await?;
+    cache(state, &session).await;
+    Ok(session)
+}
+
+/// A session: the broker's hot copy when it has one, else the store (refilling the cache).
+pub async fn get(state: &AppState, session_id: &str) -> Result<Session> {
+    if let Ok(Some(json)) = state
+        .broker
+        .cache_get(&cache_key(session_id), now_ms())
+        .await
+        && let Ok(session) = serde_json::from_str::<Session>(&json)
+    {
+        return Ok(session);
+    }
+    let session = db::get(state.store.reader(), session_id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no session {session_id:?}")))?;
+    cache(state, &session).await;
+    Ok(session)
+}
+
+/// Records an activity: 404 for an unknown or expired session, 409 for an ended one.
+pub async fn record(
+    state: &AppState,
+    session_id: &str,
+    new: NewActivity,
+) -> Result<ActivityReceipt> {
+    validate_text("activity_type", &new.activity_type, 128)?;
+    if let Some(agent) = &new.agent_id {
+        validate_agent_id("agent_id", agent)?;
+    }
+    let details = too_large("details", &new.details)?;
+    let now = now_ms();
+    let mut tx = state.store.begin().await?;
+    let Some(session) = db::append(
+        tx.conn(),
+        session_id,
+        &new.activity_type,
+        &details,
+        new.agent_id.as_deref(),
+        now,
+    )
+    .await?
+    else {
+        return Err(match db::get(tx.conn(), session_id).await? {
+            Some(s) if s.status == "ended" => {
+                Error::Conflict(format!("session {session_id} has ended"))
+            }
+            _ => Error::NotFound(format!(
+                "no active session {session_id:?} (unknown or expired)"
+            )),
+        });
+    };
+    tx.emit(NewEvent::new(
+        "sessions",
+        "session.activity",
+        json!({"session_id": session_id, "activity_type": new.activity_type, "agent_id": new.agent_id,
+               "activity_count": session.activity_count}),
+    ))
+    .await?;
+    tx.commit(&state.broker).await?;
+    cache(state, &session).await;
+    Ok(ActivityReceipt {
+        session_id: session.session_id,
+        activity_count: session.activity_count,
+        last_activity_at: session.last_activity_at,
+        expires_at: session.expires_at,
+    })
+}
+
+/// Ends an active session (409 when it already ended or expired).
+pub async fn end(state: &AppState, session_id: &str) -> Result<Session> {
+    let mut tx = state.store.begin().await?;
+    let Some(session) = db::set_status(tx.conn(), session_id, "active", "ended").await? else {
+        return Err(match db::get(tx.conn(), session_id).await? {
+            Some(s) => Error::Conflict(format!("session {session_id} is {}", s.status)),
+            None => Error::NotFound(format!("no session {session_id:?}")),
+        });
+    };
+    tx.emit(NewEvent::new(
+        "sessions",
+        "session.ended",
+        json!({"session_id": session_id}),
+    ))
+    .await?;
+    tx.commit(&state.broker).await?;
+    cache(state, &session).await;
+    Ok(session)
+}
+
+/// One step of the timer loop: sessions idle past their deadline expire. Returns how many.
+pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
+    let mut tx = state.store.begin().await?;
+    let expired = db::expire_due(tx.conn(), now, 500).await?;
+    for session_id in &expired {
+        tx.emit(NewEvent::new(
+            "sessions",
+            "session.expired",
+            json!({"session_id": session_id}),
+        ))
+        .await?;
+    }
+    tx.commit(&state.broker).await?;
+    let keys: Vec<String> = expired.iter().map(|id| cache_key(id)).collect();
+    if let Err(e) = state.broker.cache_del(&keys).await {
+        tracing::warn!(error = %e, "expired sessions stay cached until their TTL");
+    }
+    Ok(expired.len())
+}

@@ -1,0 +1,175 @@
+//! Sessions: ids, activities (newest first, the last 100 kept, each extending the life),
+//! expiry, end, and survival across a restart of the service and a FLUSHALL of Redis.
+
+use ltmc::common::now_ms;
+use serde_json::json;
+
+use crate::both_brokers;
+use crate::harness::{Kind, Options, TestApp};
+
+both_brokers!(activities_newest_first_capped_at_100, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    let (status, session) = app
+        .post(
+            "/v1/sessions",
+            json!({"session_type": "code_review", "context": {"repo": "ltmc"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["session_id"].as_str().unwrap().to_owned();
+    let parts: Vec<&str> = id.split('_').collect();
+    assert_eq!(parts[0], "sess");
+    assert!(parts[1].parse::<i64>().unwrap() > 1_700_000_000);
+    assert_eq!(parts[2].len(), 16);
+    assert_eq!(session["status"], "active");
+
+    let path = format!("/v1/sessions/{id}/activities");
+    let mut last_deadline = session["expires_at"].as_str().unwrap().to_owned();
+    for i in 0..105 {
+        let (status, receipt) = app
+            .post(
+                &path,
+                json!({"activity_type": "edit", "details": {"n": i}, "agent_id": "coder"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{receipt}");
+        assert_eq!(receipt["activity_count"], i + 1);
+        let deadline = receipt["expires_at"].as_str().unwrap().to_owned();
+        assert!(deadline >= last_deadline, "each activity extends the life");
+        last_deadline = deadline;
+    }
+    let (_, activities) = app.get(&path).await;
+    let items = activities["items"].as_array().unwrap();
+    assert_eq!(items.len(), 100);
+    assert_eq!(items[0]["details"]["n"], 104, "newest first");
+    assert_eq!(items[99]["details"]["n"], 5);
+    let (_, fetched) = app.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(fetched["activity_count"], 105);
+    let (_, listed) = app
+        .get("/v1/sessions?status=active&session_type=code_review")
+        .await;
+    assert_eq!(listed["items"][0]["session_id"], id.as_str());
+    // A memory of it was recorded.
+    assert_eq!(
+        app.get(&format!("/v1/memories?tag={id}")).await.1["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        app.post(
+            "/v1/sessions/sess_1_0000000000000000/activities",
+            json!({"activity_type": "x"})
+        )
+        .await
+        .0,
+        404
+    );
+    app.stop().await;
+});
+
+both_brokers!(
+    idle_sessions_expire_and_ended_ones_take_nothing,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        let (_, short) = app
+            .post("/v1/sessions", json!({"session_type": "t", "ttl_s": 1}))
+            .await;
+        let short_id = short["session_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            ltmc::sessions::expire_tick(&app.state, now_ms())
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            ltmc::sessions::expire_tick(&app.state, now_ms() + 1_500)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            app.get(&format!("/v1/sessions/{short_id}")).await.1["status"],
+            "expired"
+        );
+        let (status, _) = app
+            .post(
+                &format!("/v1/sessions/{short_id}/activities"),
+                json!({"activity_type": "late"}),
+            )
+            .await;
+        assert_eq!(status, 404, "an expired session takes no activity");
+
+        let (_, session) = app.post("/v1/sessions", json!({"session_type": "t"})).await;
+        let id = session["session_id"].as_str().unwrap().to_owned();
+        let (status, ended) = app.post(&format!("/v1/sessions/{id}/end"), json!({})).await;
+        assert_eq!(status, 200);
+        assert_eq!(ended["status"], "ended");
+        assert_eq!(
+            app.post(&format!("/v1/sessions/{id}/end"), json!({}))
+                .await
+                .0,
+            409
+        );
+        assert_eq!(
+            app.post(
+                &format!("/v1/sessions/{id}/activities"),
+                json!({"activity_type": "x"})
+            )
+            .await
+            .0,
+            409
+        );
+        app.stop().await;
+    }
+);
+
+both_brokers!(sessions_survive_a_restart_and_a_flush, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    let (_, session) = app
+        .post(
+            "/v1/sessions",
+            json!({"session_type": "t", "context": {"k": 1}}),
+        )
+        .await;
+    let id = session["session_id"].as_str().unwrap().to_owned();
+    app.post(
+        &format!("/v1/sessions/{id}/activities"),
+        json!({"activity_type": "a"}),
+    )
+    .await;
+    if kind == Kind::Redis && app.redis.as_ref().unwrap().owned() {
+        app.redis.as_ref().unwrap().flushall().await;
+        let (_, after_flush) = app.get(&format!("/v1/sessions/{id}")).await;
+        assert_eq!(after_flush["activity_count"], 1);
+    }
+    // A second instance over the same database (and, for Redis, the same server, which the first
+    // app keeps running).
+    let dir = app.dir.clone();
+    let redis = app
+        .redis
+        .as_ref()
+        .map(|r| (r.url.clone(), app.state.config.key_prefix.clone()));
+    let mut options = Options::new(kind);
+    options.dir = Some(dir);
+    options.redis_url = redis;
+    let second = TestApp::spawn_with(options).await;
+    let (_, restored) = second.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(restored["activity_count"], 1);
+    assert_eq!(restored["context"]["k"], 1);
+    let (status, receipt) = second
+        .post(
+            &format!("/v1/sessions/{id}/activities"),
+            json!({"activity_type": "b"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(receipt["activity_count"], 2);
+    assert_eq!(
+        second.get(&format!("/v1/sessions/{id}/activities")).await.1["items"][0]["activity_type"],
+        "b"
+    );
+    second.stop().await;
+    app.stop().await;
+});
