@@ -28,7 +28,9 @@ use crate::error::{Error, Result};
 use crate::events::hub::Hub;
 use crate::events::stream::StreamSlots;
 use crate::store::Store;
-use crate::{agents, background, checkpoints, events, handoffs, memory, messages, ops, sessions};
+use crate::{
+    agents, background, checkpoints, contexts, events, handoffs, memory, messages, ops, sessions,
+};
 
 /// What every handler and loop shares; cheap to clone.
 #[derive(Clone)]
@@ -215,6 +217,7 @@ pub fn router(state: AppState) -> Router {
         .merge(handoffs::routes::router())
         .merge(checkpoints::routes::router())
         .merge(sessions::routes::router())
+        .merge(contexts::routes::router())
         .merge(ops::router())
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {

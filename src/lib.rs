@@ -13,6 +13,7 @@ pub mod broker; // enum Broker { Memory, Redis }: presence, pub/sub
 pub mod checkpoints; // coordination state saved and restored (cache fast path, store truth)
 pub mod common; // ids, timestamps, pages
 pub mod config; // flags + LTMC_* environment
+pub mod contexts; // each agent's versioned context, and syncs merging them
 pub mod error; // one error type -> problem+json
 pub mod events; // event log, hub fan-out, WebSocket streams
 pub mod handoffs; // work passed between agents with its context, digest-checked

@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::{
-    agents, checkpoints, common, error, events, handoffs, memory, messages, ops, sessions,
+    agents, checkpoints, common, contexts, error, events, handoffs, memory, messages, ops, sessions,
 };
 
 #[derive(OpenApi)]
@@ -30,6 +30,7 @@ WebSocket streams also take the subprotocol `bearer.<token>`.",
         checkpoints::routes::save, checkpoints::routes::restore, checkpoints::routes::list,
         sessions::routes::create, sessions::routes::list, sessions::routes::get_session,
         sessions::routes::record, sessions::routes::activities, sessions::routes::end,
+        contexts::routes::get_context, contexts::routes::replace, contexts::routes::merge, contexts::routes::sync,
         ops::healthz, ops::readyz, ops::openapi,
     ),
     components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>,

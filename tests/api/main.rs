@@ -6,6 +6,7 @@ mod harness;
 mod agents;
 mod auth;
 mod checkpoints;
+mod contexts;
 mod faults;
 mod handoffs;
 mod inputs;
