@@ -29,7 +29,8 @@ use crate::events::hub::Hub;
 use crate::events::stream::StreamSlots;
 use crate::store::Store;
 use crate::{
-    agents, background, checkpoints, contexts, events, handoffs, memory, messages, ops, sessions,
+    agents, background, checkpoints, contexts, coordinations, events, handoffs, memory, messages,
+    ops, sessions,
 };
 
 /// What every handler and loop shares; cheap to clone.
@@ -218,6 +219,7 @@ pub fn router(state: AppState) -> Router {
         .merge(checkpoints::routes::router())
         .merge(sessions::routes::router())
         .merge(contexts::routes::router())
+        .merge(coordinations::routes::router())
         .merge(ops::router())
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {

@@ -1,5 +1,5 @@
 //! The background loop: a thin timer around step functions that tests call directly.
-//! Each tick reaps expired leases, checkpoints the WAL, expires handoff offers, idle sessions and silent agents; about once a minute it also prunes
+//! Each tick reaps expired leases, checkpoints the WAL, expires handoff offers, idle sessions, overdue coordination rounds and silent agents; about once a minute it also prunes
 //! the event log, acked messages and idempotency answers. Every step is a compare-and-set in the
 //! store or an atomic take in the broker, so with several instances each change happens once.
 
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::app::AppState;
 use crate::common::now_ms;
-use crate::{agents, events, handoffs, messages, sessions};
+use crate::{agents, coordinations, events, handoffs, messages, sessions};
 
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 
@@ -29,7 +29,7 @@ pub async fn run(state: AppState) {
     }
 }
 
-/// One tick: lease reaper, WAL checkpoint, handoff, session and presence expiry. Failures are logged; the next
+/// One tick: lease reaper, WAL checkpoint, handoff, session, round and presence expiry. Failures are logged; the next
 /// tick retries.
 pub async fn tick(state: &AppState, now: i64) {
     match messages::reap_tick(state, now).await {
@@ -56,6 +56,11 @@ pub async fn tick(state: &AppState, now: i64) {
         Ok(0) => {}
         Ok(n) => tracing::info!(expired = n, "idle sessions expired"),
         Err(e) => tracing::warn!(error = %e, "session expiry failed"),
+    }
+    match coordinations::expire_tick(state, now).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(timed_out = n, "coordination rounds timed out"),
+        Err(e) => tracing::warn!(error = %e, "coordination deadlines failed"),
     }
     match agents::expire_tick(state, now).await {
         Ok(0) => {}

@@ -14,6 +14,7 @@ pub mod checkpoints; // coordination state saved and restored (cache fast path, 
 pub mod common; // ids, timestamps, pages
 pub mod config; // flags + LTMC_* environment
 pub mod contexts; // each agent's versioned context, and syncs merging them
+pub mod coordinations; // scatter-gather rounds: one question, N agents, a deadline
 pub mod error; // one error type -> problem+json
 pub mod events; // event log, hub fan-out, WebSocket streams
 pub mod handoffs; // work passed between agents with its context, digest-checked

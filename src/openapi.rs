@@ -4,7 +4,8 @@
 use utoipa::OpenApi;
 
 use crate::{
-    agents, checkpoints, common, contexts, error, events, handoffs, memory, messages, ops, sessions,
+    agents, checkpoints, common, contexts, coordinations, error, events, handoffs, memory,
+    messages, ops, sessions,
 };
 
 #[derive(OpenApi)]
@@ -31,6 +32,7 @@ WebSocket streams also take the subprotocol `bearer.<token>`.",
         sessions::routes::create, sessions::routes::list, sessions::routes::get_session,
         sessions::routes::record, sessions::routes::activities, sessions::routes::end,
         contexts::routes::get_context, contexts::routes::replace, contexts::routes::merge, contexts::routes::sync,
+        coordinations::routes::start, coordinations::routes::respond, coordinations::routes::get_round,
         ops::healthz, ops::readyz, ops::openapi,
     ),
     components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>,

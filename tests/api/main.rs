@@ -7,6 +7,7 @@ mod agents;
 mod auth;
 mod checkpoints;
 mod contexts;
+mod coordinations;
 mod faults;
 mod handoffs;
 mod inputs;
