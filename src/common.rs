@@ -76,6 +76,18 @@ pub struct PageQuery {
 }
 
 impl PageQuery {
+    /// For lists paged newest first by `seq`: the page size and the `seq` the page starts below.
+    pub fn newest_first(&self, max: u32) -> Result<(u32, i64)> {
+        let limit = self.limit(max)?;
+        let before = match self.cursor.as_deref() {
+            None => i64::MAX,
+            Some(cursor) => cursor
+                .parse()
+                .map_err(|_| Error::invalid("cursor", "not a cursor this endpoint issued"))?,
+        };
+        Ok((limit, before))
+    }
+
     /// The page size, validated against the configured maximum.
     pub fn limit(&self, max: u32) -> Result<u32> {
         match self.limit {
@@ -94,6 +106,25 @@ pub struct Page<T> {
 }
 
 impl<T> Page<T> {
+    /// A newest-first page from up to `limit + 1` rows of `(seq, row)`: the cursor is the last
+    /// `seq` kept, when more rows follow.
+    pub fn from_seq_rows<R>(rows: Vec<(i64, R)>, limit: u32, into: impl Fn(R) -> T) -> Self {
+        let more = rows.len() > limit as usize;
+        let mut last = None;
+        let items = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|(seq, row)| {
+                last = Some(seq);
+                into(row)
+            })
+            .collect();
+        Page {
+            items,
+            next_cursor: last.filter(|_| more).map(|seq| seq.to_string()),
+        }
+    }
+
     /// Cuts a `limit + 1` fetch down to `limit` items, deriving the cursor from the last one kept.
     pub fn from_overfetch(mut items: Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Self {
         let more = items.len() > limit as usize;

@@ -9,7 +9,7 @@ use super::{Checkpoint, CheckpointQuery, NewCheckpoint, db};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::common::{Page, PageQuery, validate_text};
-use crate::error::{Error, Json, Path, Problem, Query, Result};
+use crate::error::{Json, Path, Problem, Query, Result};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -54,17 +54,11 @@ pub async fn list(
 ) -> Result<Json<Page<Checkpoint>>> {
     who.require_reader()?;
     validate_text("coordination_id", &query.coordination_id, 128)?;
-    let page = PageQuery {
+    let (limit, before) = PageQuery {
         limit: query.limit,
         cursor: query.cursor,
-    };
-    let limit = page.limit(state.config.limits.max_page_size)?;
-    let before = match page.cursor.as_deref() {
-        None => i64::MAX,
-        Some(c) => c
-            .parse()
-            .map_err(|_| Error::invalid("cursor", "not a cursor this endpoint issued"))?,
-    };
+    }
+    .newest_first(state.config.limits.max_page_size)?;
     let rows = db::list(
         state.store.reader(),
         &query.coordination_id,
@@ -72,11 +66,5 @@ pub async fn list(
         limit + 1,
     )
     .await?;
-    let more = rows.len() > limit as usize;
-    let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
-    let next_cursor = rows.last().filter(|_| more).map(|(seq, _)| seq.to_string());
-    Ok(Json(Page {
-        items: rows.into_iter().map(|(_, c)| c).collect(),
-        next_cursor,
-    }))
+    Ok(Json(Page::from_seq_rows(rows, limit, |row| row)))
 }

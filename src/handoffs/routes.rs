@@ -9,7 +9,7 @@ use super::{Accept, Complete, Handoff, HandoffQuery, NewHandoff, Reject, db};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::common::{Empty, Page, PageQuery};
-use crate::error::{Error, Json, OptionalJson, Path, Problem, Query, Result};
+use crate::error::{Json, OptionalJson, Path, Problem, Query, Result};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -61,17 +61,11 @@ pub async fn list(
     Query(query): Query<HandoffQuery>,
 ) -> Result<Json<Page<Handoff>>> {
     super::check_query(&who, &query)?;
-    let page = PageQuery {
+    let (limit, before) = PageQuery {
         limit: query.limit,
         cursor: query.cursor,
-    };
-    let limit = page.limit(state.config.limits.max_page_size)?;
-    let before = match page.cursor.as_deref() {
-        None => i64::MAX,
-        Some(c) => c
-            .parse()
-            .map_err(|_| Error::invalid("cursor", "not a cursor this endpoint issued"))?,
-    };
+    }
+    .newest_first(state.config.limits.max_page_size)?;
     let rows = db::list(
         state.store.reader(),
         query.agent.as_deref(),
@@ -80,13 +74,7 @@ pub async fn list(
         limit + 1,
     )
     .await?;
-    let more = rows.len() > limit as usize;
-    let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
-    let next_cursor = rows.last().filter(|_| more).map(|(seq, _)| seq.to_string());
-    Ok(Json(Page {
-        items: rows.into_iter().map(|(_, h)| h.into()).collect(),
-        next_cursor,
-    }))
+    Ok(Json(Page::from_seq_rows(rows, limit, Into::into)))
 }
 
 /// Accept an offer (only the addressed agent); 409 when `context_digest` differs from the

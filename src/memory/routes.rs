@@ -24,36 +24,6 @@ pub fn router() -> Router<AppState> {
         .route("/v1/patterns/stats", get(stats))
 }
 
-/// The page size and the `seq` a newest-first page starts below.
-fn page(state: &AppState, limit: Option<u32>, cursor: Option<String>) -> Result<(u32, i64)> {
-    let page = PageQuery { limit, cursor };
-    let limit = page.limit(state.config.limits.max_page_size)?;
-    let before = match page.cursor.as_deref() {
-        None => i64::MAX,
-        Some(c) => c
-            .parse()
-            .map_err(|_| Error::invalid("cursor", "not a cursor this endpoint issued"))?,
-    };
-    Ok((limit, before))
-}
-
-fn paged<R, T>(rows: Vec<(i64, R)>, limit: u32, into: impl Fn(R) -> T) -> Page<T> {
-    let more = rows.len() > limit as usize;
-    let mut last = None;
-    let items = rows
-        .into_iter()
-        .take(limit as usize)
-        .map(|(seq, row)| {
-            last = Some(seq);
-            into(row)
-        })
-        .collect();
-    Page {
-        items,
-        next_cursor: last.filter(|_| more).map(|s| s.to_string()),
-    }
-}
-
 /// Store a memory.
 #[utoipa::path(post, path = "/v1/memories", tag = "memory", request_body = NewMemory,
     responses((status = 201, body = Memory), (status = 403, body = Problem),
@@ -79,7 +49,11 @@ pub async fn list(
     Query(query): Query<MemoryQuery>,
 ) -> Result<Json<Page<Memory>>> {
     who.require_reader()?;
-    let (limit, before) = page(&state, query.limit, query.cursor)?;
+    let (limit, before) = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    }
+    .newest_first(state.config.limits.max_page_size)?;
     let fts = query.q.as_deref().and_then(fts_query);
     if query.q.is_some() && fts.is_none() {
         return Err(Error::invalid("q", "give at least one word to search for"));
@@ -92,7 +66,7 @@ pub async fn list(
         limit + 1,
     )
     .await?;
-    Ok(Json(paged(rows, limit, Memory::from)))
+    Ok(Json(Page::from_seq_rows(rows, limit, Memory::from)))
 }
 
 /// One memory.
@@ -152,7 +126,11 @@ pub async fn edges(
     Query(query): Query<EdgeQuery>,
 ) -> Result<Json<Page<Edge>>> {
     who.require_reader()?;
-    let (limit, before) = page(&state, query.limit, query.cursor)?;
+    let (limit, before) = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    }
+    .newest_first(state.config.limits.max_page_size)?;
     let rows = db::list_edges(
         state.store.reader(),
         query.node.as_deref(),
@@ -161,7 +139,7 @@ pub async fn edges(
         limit + 1,
     )
     .await?;
-    Ok(Json(paged(rows, limit, Edge::from)))
+    Ok(Json(Page::from_seq_rows(rows, limit, Edge::from)))
 }
 
 /// Record a pattern (with its outcome, when known).
@@ -188,7 +166,11 @@ pub async fn patterns(
     Query(query): Query<PatternQuery>,
 ) -> Result<Json<Page<Pattern>>> {
     who.require_reader()?;
-    let (limit, before) = page(&state, query.limit, query.cursor)?;
+    let (limit, before) = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    }
+    .newest_first(state.config.limits.max_page_size)?;
     let rows = db::list_patterns(
         state.store.reader(),
         query.pattern_type.as_deref(),
@@ -196,7 +178,7 @@ pub async fn patterns(
         limit + 1,
     )
     .await?;
-    Ok(Json(paged(rows, limit, Pattern::from)))
+    Ok(Json(Page::from_seq_rows(rows, limit, Pattern::from)))
 }
 
 /// Uses and success rate per pattern type.

@@ -62,17 +62,11 @@ pub async fn list(
     {
         return Err(Error::invalid("status", "one of active, ended, expired"));
     }
-    let page = PageQuery {
+    let (limit, before) = PageQuery {
         limit: query.limit,
         cursor: query.cursor,
-    };
-    let limit = page.limit(state.config.limits.max_page_size)?;
-    let before = match page.cursor.as_deref() {
-        None => i64::MAX,
-        Some(c) => c
-            .parse()
-            .map_err(|_| Error::invalid("cursor", "not a cursor this endpoint issued"))?,
-    };
+    }
+    .newest_first(state.config.limits.max_page_size)?;
     let rows = db::list(
         state.store.reader(),
         query.status.as_deref(),
@@ -81,13 +75,7 @@ pub async fn list(
         limit + 1,
     )
     .await?;
-    let more = rows.len() > limit as usize;
-    let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
-    let next_cursor = rows.last().filter(|_| more).map(|(seq, _)| seq.to_string());
-    Ok(Json(Page {
-        items: rows.into_iter().map(|(_, s)| s).collect(),
-        next_cursor,
-    }))
+    Ok(Json(Page::from_seq_rows(rows, limit, |row| row)))
 }
 
 /// Record an activity; it extends the session's life by its `ttl_s`. 404 for an unknown or
