@@ -24,6 +24,18 @@
 //! - `connections`: open `--streams` idle WebSockets (one per agent), hold them
 //!   `--duration-s`, and report the opening time and the server's RSS
 //!   (`VmRSS` of `--server-pid`) before and after opening.
+//! - `handoff`: open one stream per agent, then hand off from agent `i` to
+//!   `i + 1` (mod `--agents`). `initiate` is the POST; `offer→accept` runs from
+//!   just before it to the completed accept, issued when the `handoff.offered`
+//!   frame for that handoff reaches the addressee's stream.
+//! - `session`: warm-up creates sessions; the window alternates `create` with
+//!   an `activity` on a warm-up session, round-robin.
+//! - `checkpoint`: warm-up saves checkpoints (state: one `--payload-bytes`
+//!   string, default 64 KiB); the window alternates `save` with a `restore` of
+//!   a saved one, round-robin, and counts whether it came from cache or store.
+//!
+//! The last three run like `send`: `--concurrency` workers back to back, or
+//! open loop at `--rate`.
 //!
 //! A row's `ok` and latencies cover operations *started* in the measured window;
 //! `errors` are those started there that failed or were unfinished when the
@@ -38,6 +50,9 @@
 //! ltmc-bench roundtrip --rate 2000 --token "$LTMC_ADMIN_TOKEN"
 //! ltmc-bench notify --streams 1000 --rate 1000
 //! ltmc-bench connections --streams 10000 --server-pid "$(pidof ltmc)"
+//! ltmc-bench handoff --agents 100 --rate 500
+//! ltmc-bench session --concurrency 32
+//! ltmc-bench checkpoint --rate 500 --payload-bytes 1048576
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -87,19 +102,20 @@ struct Args {
     /// Measured seconds of load (connections: seconds to hold the streams).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     duration_s: u64,
-    /// Offered messages/s in total, 0 = as fast as possible [default: 0, notify: 1000].
+    /// Offered messages (operations)/s in total, 0 = as fast as possible [default: 0, notify: 1000].
     #[arg(long)]
     rate: Option<u64>,
     /// HTTP requests in flight from producers; also caps acks in flight,
     /// parallel registrations and parallel stream handshakes.
     #[arg(long, default_value_t = 64, value_parser = positive())]
     concurrency: usize,
-    /// Recipient agents (send, roundtrip).
+    /// Recipient agents (send, roundtrip, handoff).
     #[arg(long, default_value_t = 100, value_parser = positive())]
     agents: usize,
-    /// Length in bytes of each message's content string.
-    #[arg(long, default_value_t = 128)]
-    payload_bytes: usize,
+    /// Length in bytes of each message's content string (checkpoint: state
+    /// string) [default: 128, checkpoint: 65536].
+    #[arg(long)]
+    payload_bytes: Option<usize>,
     /// Agent id prefix [default: bench<pid>-<n>-].
     #[arg(long)]
     prefix: Option<String>,
@@ -117,6 +133,9 @@ enum Scenario {
     Roundtrip,
     Notify,
     Connections,
+    Handoff,
+    Session,
+    Checkpoint,
 }
 
 /// One table row: operations started in the measured window, and the
@@ -191,7 +210,8 @@ impl Window {
 /// Notify: the half of a message's story heard first, its send (POST start,
 /// whether it counts) or its frame (arrival time), waiting for the other half.
 enum Seen {
-    Sent(Instant, bool),
+    /// The third field is the handoff's accept body (notify: null).
+    Sent(Instant, bool, Value),
     Frame(Instant),
 }
 
@@ -219,15 +239,21 @@ struct Frame {
     kind: String,
     #[serde(default)]
     message_id: String,
+    #[serde(default)]
+    handoff_id: String,
 }
 
 /// What the run measures and counts, shared by all its tasks.
 #[derive(Default)]
 struct Stats {
+    /// The producers' operation: send, initiate, create or save.
     send: Row,
+    /// Activity (session) or restore (checkpoint), on ids made before.
+    reuse: Row,
     claim: Row,
     ack: Row,
-    /// Messages acked (roundtrip) or announced on their stream (notify).
+    /// Messages acked (roundtrip), announced on their stream (notify), or
+    /// handoffs accepted (handoff).
     e2e: Row,
     connect: Row,
     /// Number of the next message to send.
@@ -240,6 +266,10 @@ struct Stats {
     frames: AtomicU64,
     open_streams: AtomicUsize,
     seen: Mutex<HashMap<String, Seen>>,
+    /// Sessions or checkpoints to reuse.
+    ids: Mutex<Vec<String>>,
+    /// Checkpoint restores by `source`.
+    sources: Mutex<BTreeMap<String, u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -251,6 +281,7 @@ struct Bench {
     prefix: String,
     sender: String,
     rate: u64,
+    payload: usize,
     /// Agents the load goes to: `--agents`, or `--streams` for the stream scenarios.
     targets: usize,
     seed: u64,
@@ -280,6 +311,7 @@ impl Bench {
         // connections are reused instead of churned through TIME_WAIT.
         let in_flight = match args.scenario {
             Scenario::Roundtrip => 2 * args.concurrency + args.agents,
+            Scenario::Handoff => 2 * args.concurrency,
             _ => args.concurrency,
         };
         let http = reqwest::Client::builder()
@@ -290,9 +322,16 @@ impl Bench {
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {}", cause(&e)))?;
         let (rate, targets) = match args.scenario {
-            Scenario::Send | Scenario::Roundtrip => (args.rate.unwrap_or(0), args.agents),
+            Scenario::Send | Scenario::Roundtrip | Scenario::Handoff => {
+                (args.rate.unwrap_or(0), args.agents)
+            }
+            Scenario::Session | Scenario::Checkpoint => (args.rate.unwrap_or(0), args.agents),
             Scenario::Notify => (args.rate.unwrap_or(1000), args.streams.unwrap_or(1000)),
             Scenario::Connections => (0, args.streams.unwrap_or(10_000)),
+        };
+        let payload = match args.scenario {
+            Scenario::Checkpoint => args.payload_bytes.unwrap_or(64 * 1024),
+            _ => args.payload_bytes.unwrap_or(128),
         };
         let base = args.url.trim_end_matches('/').to_owned();
         let sender = format!("{prefix}sender");
@@ -305,6 +344,7 @@ impl Bench {
             prefix,
             sender,
             rate,
+            payload,
             targets,
             seed,
             st,
@@ -313,6 +353,16 @@ impl Bench {
 
     fn agent(&self, i: usize) -> String {
         format!("{}{i}", self.prefix)
+    }
+
+    /// Names of the producers' operation and of the reuse operation.
+    fn rows(&self) -> [&'static str; 2] {
+        match self.args.scenario {
+            Scenario::Handoff => ["initiate", "offer→accept"],
+            Scenario::Session => ["create", "activity"],
+            Scenario::Checkpoint => ["save", "restore"],
+            _ => ["send", "send"],
+        }
     }
 
     fn fail(&self, what: &str, err: String) {
@@ -352,6 +402,18 @@ impl Bench {
         reply.map_err(|e| format!("bad reply: {}", cause(&e)))
     }
 
+    async fn get_json(&self, path: &str) -> Result<Value, String> {
+        let request = self.http.get(format!("{}{path}", self.base));
+        let resp = request.send().await.map_err(|e| cause(&e))?;
+        match resp.status() {
+            s if s.is_success() => resp
+                .json()
+                .await
+                .map_err(|e| format!("bad reply: {}", cause(&e))),
+            s => Err(format!("HTTP {s}")),
+        }
+    }
+
     /// Registers the sender and agents `0..n`, `--concurrency` at a time.
     async fn register(&self, n: usize) -> Result<(), String> {
         eprintln!("registering {n} agents {}0..{}", self.prefix, n - 1);
@@ -379,8 +441,20 @@ impl Bench {
         let _ = timeout_at(w.end + DRAIN, set.join_all()).await;
         self.st.producers_done.store(true, Relaxed);
         if self.rate > 0 {
-            // Open loop: messages due in the window that were never sent are errors too.
-            lock(&self.st.send.0).started = self.rate * self.args.duration_s;
+            // Open loop: operations due in the window that never started are errors too.
+            let (lo, n) = (
+                self.rate * WARMUP.as_secs(),
+                self.rate * self.args.duration_s,
+            );
+            let reuse = match self.args.scenario {
+                // Odd operations after the warm-up reuse ids.
+                Scenario::Session | Scenario::Checkpoint => {
+                    n - ((lo + n).div_ceil(2) - lo.div_ceil(2))
+                }
+                _ => 0,
+            };
+            lock(&self.st.send.0).started = n - reuse;
+            lock(&self.st.reuse.0).started = reuse;
         }
     }
 
@@ -400,13 +474,20 @@ impl Bench {
             if self.rate > 0 {
                 sleep_until(due).await;
             }
+            if !matches!(
+                self.args.scenario,
+                Scenario::Send | Scenario::Roundtrip | Scenario::Notify
+            ) {
+                self.op(w, i, due).await;
+                continue;
+            }
             let start = Instant::now();
             // The content carries the due time in whole µs since the window's
             // start; round `due` to that, so consumers judge `counted` alike.
             let micros = (due - w.start).as_micros();
             let due = w.start + Duration::from_micros(micros as u64);
             let mut content = format!("{micros} ");
-            let pad = self.args.payload_bytes.saturating_sub(content.len());
+            let pad = self.payload.saturating_sub(content.len());
             content.extend(std::iter::repeat_n('x', pad));
             let k = if notify { mix(self.seed ^ i) } else { i } % self.targets as u64;
             let path = format!("/v1/agents/{}/messages", self.agent(k as usize));
@@ -422,12 +503,107 @@ impl Bench {
                     self.st.pending.fetch_add(1, Relaxed);
                     self.st.e2e.begin(counted);
                     if notify {
-                        self.meet(accepted.message_id, Seen::Sent(start, counted));
+                        self.meet(accepted.message_id, Seen::Sent(start, counted, Value::Null));
                     }
                 }
                 Err(e) => self.fail("send", e),
             }
         }
+    }
+
+    /// One operation of `handoff`, `session` or `checkpoint`, due at `due`.
+    async fn op(self: &Arc<Self>, w: Window, i: u64, due: Instant) {
+        let reusing = matches!(self.args.scenario, Scenario::Session | Scenario::Checkpoint);
+        let (counted, reuse) = (w.counts(due), reusing && due >= w.measure && i % 2 == 1);
+        let (row, what) = match reuse {
+            false => (&self.st.send, self.rows()[0]),
+            true => (&self.st.reuse, self.rows()[1]),
+        };
+        row.begin(counted);
+        let result = match (self.args.scenario, reuse) {
+            (Scenario::Handoff, _) => self.initiate(i, counted).await,
+            (Scenario::Session, false) => {
+                let body = json!({"session_type": "bench"});
+                let reply = self.post_json("/v1/sessions", &body).await;
+                reply.and_then(|v| self.keep(&v, "session_id", due < w.measure))
+            }
+            (Scenario::Checkpoint, false) => {
+                let state = json!({"data": "x".repeat(self.payload)});
+                let coordination_id = format!("{}c{i}", self.prefix);
+                let body = json!({"coordination_id": coordination_id, "state": state,
+                    "agents": [], "status": "in_progress"});
+                let reply = self.post_json("/v1/checkpoints", &body).await;
+                reply.and_then(|v| self.keep(&v, "checkpoint_id", true))
+            }
+            (scenario, _) => self.reuse(scenario, i / 2).await,
+        };
+        match result {
+            Ok(()) => row.done(counted, due.elapsed()),
+            Err(e) => self.fail(what, e),
+        }
+    }
+
+    /// Notes the id in `reply` for reuse if `keep`.
+    fn keep(&self, reply: &Value, field: &str, keep: bool) -> Result<(), String> {
+        let id = reply.get(field).and_then(Value::as_str);
+        let id = id.ok_or_else(|| format!("bad reply: no {field}"))?;
+        if keep {
+            lock(&self.st.ids).push(id.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Session activity or checkpoint restore on the `k`th id, round-robin.
+    async fn reuse(&self, scenario: Scenario, k: u64) -> Result<(), String> {
+        let id = {
+            let ids = lock(&self.st.ids);
+            let n = ids.len().max(1);
+            ids.get(k as usize % n).cloned().ok_or("nothing to reuse")?
+        };
+        if scenario == Scenario::Session {
+            let body = json!({"activity_type": "edit", "details": {"n": 1}});
+            self.post(&format!("/v1/sessions/{id}/activities"), &body)
+                .await?;
+            return Ok(());
+        }
+        let reply = self.get_json(&format!("/v1/checkpoints/{id}")).await?;
+        let source = reply
+            .get("source")
+            .and_then(Value::as_str)
+            .unwrap_or("(none)");
+        *lock(&self.st.sources).entry(source.to_owned()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Hands off from agent `i` to `i + 1`; the accept follows the offer frame.
+    async fn initiate(self: &Arc<Self>, i: u64, counted: bool) -> Result<(), String> {
+        let n = self.targets as u64;
+        let (from, to) = (
+            self.agent((i % n) as usize),
+            self.agent(((i + 1) % n) as usize),
+        );
+        let body =
+            json!({"from_agent": from, "to_agent": to, "context": {"task": "bench", "n": i}});
+        let start = Instant::now();
+        let reply: Value = self.post_json("/v1/handoffs", &body).await?;
+        let field = |k| reply.get(k).and_then(Value::as_str).map(str::to_owned);
+        let (Some(id), Some(digest)) = (field("handoff_id"), field("context_digest")) else {
+            return Err("bad reply: no handoff_id or context_digest".into());
+        };
+        self.st.accepted.fetch_add(1, Relaxed);
+        self.st.pending.fetch_add(1, Relaxed);
+        self.st.e2e.begin(counted);
+        let accept = json!({"agent_id": to, "context_digest": digest});
+        self.meet(id, Seen::Sent(start, counted, accept));
+        Ok(())
+    }
+
+    async fn accept(self: Arc<Self>, id: String, body: Value, start: Instant, counted: bool) {
+        match self.post(&format!("/v1/handoffs/{id}/accept"), &body).await {
+            Ok(_) => self.st.e2e.done(counted, start.elapsed()),
+            Err(e) => self.fail("accept", e),
+        }
+        self.st.pending.fetch_sub(1, Relaxed);
     }
 
     /// A roundtrip consumer of one agent: claim, ack the batch, and again, until
@@ -533,6 +709,12 @@ impl Bench {
 
     /// Reads a stream until `stop`; reading also answers the server's pings.
     async fn read(self: Arc<Self>, mut ws: Ws, mut stop: Stop) {
+        let handoff = self.args.scenario == Scenario::Handoff;
+        let wanted = if handoff {
+            "handoff.offered"
+        } else {
+            "new_message"
+        };
         let closed = loop {
             let frame = tokio::select! {
                 _ = stop.changed() => {
@@ -544,9 +726,14 @@ impl Bench {
             let at = Instant::now();
             match frame {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<Frame>(&text) {
-                    Ok(frame) if frame.kind == "new_message" => {
+                    Ok(frame) if frame.kind == wanted => {
                         self.st.frames.fetch_add(1, Relaxed);
-                        self.meet(frame.message_id, Seen::Frame(at));
+                        let id = if handoff {
+                            frame.handoff_id
+                        } else {
+                            frame.message_id
+                        };
+                        self.meet(id, Seen::Frame(at));
                     }
                     _ => {}
                 },
@@ -559,16 +746,22 @@ impl Bench {
         self.st.open_streams.fetch_sub(1, Relaxed);
     }
 
-    /// Notify: pairs a message's send with its frame, whichever is heard first.
-    fn meet(&self, id: String, heard: Seen) {
+    /// Notify, handoff: pairs a send with its frame, whichever is heard first;
+    /// a handoff's pair then issues the accept.
+    fn meet(self: &Arc<Self>, id: String, heard: Seen) {
         let mut seen = lock(&self.st.seen);
         match (seen.remove(&id), heard) {
-            (Some(Seen::Sent(start, counted)), Seen::Frame(at))
-            | (Some(Seen::Frame(at)), Seen::Sent(start, counted)) => {
+            (Some(Seen::Sent(start, counted, accept)), Seen::Frame(at))
+            | (Some(Seen::Frame(at)), Seen::Sent(start, counted, accept)) => {
                 drop(seen);
-                let latency = at.saturating_duration_since(start);
-                self.st.e2e.done(counted, latency);
-                self.st.pending.fetch_sub(1, Relaxed);
+                if accept.is_null() {
+                    self.st
+                        .e2e
+                        .done(counted, at.saturating_duration_since(start));
+                    self.st.pending.fetch_sub(1, Relaxed);
+                } else {
+                    tokio::spawn(self.clone().accept(id, accept, start, counted));
+                }
             }
             (_, heard) => {
                 seen.insert(id, heard);
@@ -602,6 +795,7 @@ async fn messages(b: Arc<Bench>) -> Result<(), String> {
     Ok(())
 }
 
+/// `notify` and `handoff`.
 async fn notify(b: Arc<Bench>) -> Result<(), String> {
     let n = b.targets;
     b.register(n).await?;
@@ -622,10 +816,15 @@ async fn notify(b: Arc<Bench>) -> Result<(), String> {
     let (st, secs) = (&b.st, w.secs());
     header();
     row("connect", &st.connect, open_secs);
-    row("send", &st.send, secs);
-    row("notify", &st.e2e, secs);
+    let handoff = b.args.scenario == Scenario::Handoff;
+    row(b.rows()[0], &st.send, secs);
+    row(if handoff { b.rows()[1] } else { "notify" }, &st.e2e, secs);
     let (frames, sent) = (st.frames.load(Relaxed), st.accepted.load(Relaxed));
-    println!("frames: {frames} new_message for {sent} messages sent, warm-up and drain included");
+    let (kind, what) = match handoff {
+        true => ("handoff.offered", "handoffs initiated"),
+        false => ("new_message", "messages sent"),
+    };
+    println!("frames: {frames} {kind} for {sent} {what}, warm-up and drain included");
     println!("streams: {still_open} of {n} still open at the end");
     Ok(())
 }
@@ -661,8 +860,33 @@ async fn connections(b: Arc<Bench>) -> Result<(), String> {
     Ok(())
 }
 
+/// `session` and `checkpoint`.
+async fn operations(b: Arc<Bench>) -> Result<(), String> {
+    let w = Window::new(b.args.duration_s);
+    b.produce_all(w).await;
+    let ([first, second], secs) = (b.rows(), w.secs());
+    header();
+    row(first, &b.st.send, secs);
+    row(second, &b.st.reuse, secs);
+    let reused = lock(&b.st.ids).len();
+    match b.args.scenario {
+        Scenario::Session => println!("sessions: {reused} created in the warm-up, reused"),
+        _ => {
+            let sources = lock(&b.st.sources);
+            let counts: Vec<_> = sources.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            println!(
+                "restore source: {}, warm-up and drain included",
+                counts.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn header() {
-    println!("measure           ok   errors     secs   rate/s   p50 ms   p99 ms  p999 ms   max ms");
+    println!(
+        "measure            ok   errors     secs   rate/s   p50 ms   p99 ms  p999 ms   max ms"
+    );
 }
 
 fn row(name: &str, tally: &Row, secs: f64) {
@@ -677,7 +901,7 @@ fn row(name: &str, tally: &Row, secs: f64) {
     let q = |quantile| ms(t.hist.value_at_quantile(quantile));
     let (ok, errors, rate) = (t.ok, t.started.saturating_sub(t.ok), t.ok as f64 / secs);
     let (p50, p99, p999, max) = (q(0.5), q(0.99), q(0.999), ms(t.hist.max()));
-    println!("{name:<11}{ok:>9}{errors:>9}{secs:>9.1}{rate:>9.1}{p50:>9}{p99:>9}{p999:>9}{max:>9}");
+    println!("{name:<12}{ok:>9}{errors:>9}{secs:>9.1}{rate:>9.1}{p50:>9}{p99:>9}{p999:>9}{max:>9}");
 }
 
 /// `VmRSS` of a process, in KiB.
@@ -736,13 +960,17 @@ async fn run(args: Args) -> Result<(), String> {
     let load = match b.rate {
         _ if a.scenario == Scenario::Connections => "idle".to_owned(),
         0 => format!("max rate, concurrency {}", a.concurrency),
-        r => format!("{r} msg/s, concurrency {}", a.concurrency),
+        r if b.payload > 0 && b.rows()[0] == "send" => {
+            format!("{r} msg/s, concurrency {}", a.concurrency)
+        }
+        r => format!("{r} ops/s, concurrency {}", a.concurrency),
     };
     let (base, agents, secs) = (&b.base, b.targets, a.duration_s);
     println!("ltmc-bench {name} on {base}: {agents} agents, {load}, {secs} s");
     let result = match a.scenario {
         Scenario::Send | Scenario::Roundtrip => messages(b.clone()).await,
-        Scenario::Notify => notify(b.clone()).await,
+        Scenario::Notify | Scenario::Handoff => notify(b.clone()).await,
+        Scenario::Session | Scenario::Checkpoint => operations(b.clone()).await,
         Scenario::Connections => connections(b.clone()).await,
     };
     for (what, count) in lock(&b.st.errors).iter() {
