@@ -784,6 +784,20 @@ both_brokers!(bad_input_is_never_a_500, |kind| async move {
         format!("/v1/agents/w/messages/{id}/replay"),
         "/v1/agents/w/messages/%FF%FE/ack".to_owned(),
         "/v1/agents/%FF/heartbeat".to_owned(),
+        // Coordination state.
+        "/v1/handoffs".to_owned(),
+        "/v1/handoffs/hof_x/accept".to_owned(),
+        "/v1/handoffs/hof_x/complete".to_owned(),
+        "/v1/handoffs/hof_x/reject".to_owned(),
+        "/v1/sessions".to_owned(),
+        "/v1/sessions/sess_1_x/activities".to_owned(),
+        "/v1/checkpoints".to_owned(),
+        "/v1/syncs".to_owned(),
+        "/v1/coordinations".to_owned(),
+        "/v1/coordinations/crd_x/responses".to_owned(),
+        "/v1/memories".to_owned(),
+        "/v1/graph/edges".to_owned(),
+        "/v1/patterns".to_owned(),
     ];
     for path in &paths {
         for body in &bodies {
@@ -808,6 +822,17 @@ both_brokers!(bad_input_is_never_a_500, |kind| async move {
         "/v1/agents/w/messages?cursor=9999999999999999999999.1",
         "/v1/agents/w/messages?cursor=-1.-1",
         "/v1/agents/w/messages?state=%00",
+        "/v1/memories?q=%22%22%22*:(NEAR",
+        "/v1/memories?cursor=99999999999999999999",
+        "/v1/graph/edges?node=%00&relationship=",
+        "/v1/patterns?pattern_type=%FF",
+        "/v1/handoffs?agent=bad%20id&status=nope",
+        "/v1/handoffs/%FF",
+        "/v1/sessions?status=%00",
+        "/v1/sessions/%FF/activities",
+        "/v1/checkpoints?coordination_id=",
+        "/v1/coordinations/crd_x?wait_ms=-1",
+        "/v1/agents/%FF/context",
     ] {
         let answer = get(&app, path).await;
         assert!(
