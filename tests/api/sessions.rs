@@ -173,3 +173,65 @@ both_brokers!(sessions_survive_a_restart_and_a_flush, |kind| async move {
     second.stop().await;
     app.stop().await;
 });
+
+/// The real binary, killed with SIGKILL mid-session: the session, its counter and its log are
+/// all there after the restart, and it takes new activity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::harness::db_path(&dir);
+    let client = reqwest::Client::new();
+    let mut first = crate::harness::Process::start(&db, &[]).await;
+    let base = format!("http://{}", first.addr);
+    let session: serde_json::Value = client
+        .post(format!("{base}/v1/sessions"))
+        .json(&json!({"session_type": "t"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = session["session_id"].as_str().unwrap().to_owned();
+    for n in 0..3 {
+        let status = client
+            .post(format!("{base}/v1/sessions/{id}/activities"))
+            .json(&json!({"activity_type": "edit", "details": {"n": n}}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 201);
+    }
+    first.child.kill().await.unwrap();
+
+    let second = crate::harness::Process::start(&db, &[]).await;
+    let base = format!("http://{}", second.addr);
+    let restored: serde_json::Value = client
+        .get(format!("{base}/v1/sessions/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(restored["status"], "active");
+    assert_eq!(restored["activity_count"], 3);
+    let log: serde_json::Value = client
+        .get(format!("{base}/v1/sessions/{id}/activities"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log["items"][0]["details"]["n"], 2);
+    let status = client
+        .post(format!("{base}/v1/sessions/{id}/activities"))
+        .json(&json!({"activity_type": "after"}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 201);
+}
