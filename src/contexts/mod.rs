@@ -87,6 +87,32 @@ pub struct SyncResult {
     pub success: bool,
 }
 
+/// The keys that several agents hold with different values, each with every agent's value (also
+/// used by coordination rounds over their responses).
+pub fn find_conflicts<'a>(
+    objects: impl IntoIterator<Item = (&'a str, &'a Map<String, Value>)>,
+) -> Vec<Conflict> {
+    let mut by_key: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for (agent, values) in objects {
+        for (key, value) in values {
+            by_key
+                .entry(key.clone())
+                .or_default()
+                .insert(agent.to_owned(), value.clone());
+        }
+    }
+    by_key
+        .into_iter()
+        .filter(|(_, values)| {
+            values
+                .values()
+                .skip(1)
+                .any(|v| Some(v) != values.values().next())
+        })
+        .map(|(key, values)| Conflict { key, values })
+        .collect()
+}
+
 /// Reads an agent's context.
 pub async fn get(state: &AppState, agent_id: &str) -> Result<Context> {
     validate_agent_id("agent_id", agent_id)?;
@@ -212,29 +238,11 @@ pub async fn sync(state: &AppState, new: NewSync) -> Result<SyncResult> {
         let (values, version, updated_at) = db::get(tx.conn(), agent).await?;
         contexts.push((agent.clone(), values, version, updated_at.unwrap_or(0)));
     }
-    // Conflicts: keys held with different values.
-    let mut by_key: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
-    for (agent, values, _, _) in &contexts {
-        for (key, value) in values {
-            by_key
-                .entry(key.clone())
-                .or_default()
-                .insert(agent.clone(), value.clone());
-        }
-    }
-    let conflicts: Vec<Conflict> = by_key
-        .iter()
-        .filter(|(_, values)| {
-            values
-                .values()
-                .skip(1)
-                .any(|v| Some(v) != values.values().next())
-        })
-        .map(|(key, values)| Conflict {
-            key: key.clone(),
-            values: values.clone(),
-        })
-        .collect();
+    let conflicts = find_conflicts(
+        contexts
+            .iter()
+            .map(|(agent, values, _, _)| (agent.as_str(), values)),
+    );
     if new.strategy == Strategy::FailOnConflict && !conflicts.is_empty() {
         let keys: Vec<&str> = conflicts.iter().map(|c| c.key.as_str()).collect();
         return Err(Error::Conflict(format!(

@@ -7,7 +7,7 @@
 pub mod db;
 pub mod routes;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::common::{new_id, now_ms, rfc3339, validate_agent_id, validate_text};
-use crate::contexts::Conflict;
+use crate::contexts::{Conflict, find_conflicts};
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use crate::events::hub::{Delivery, Interest};
@@ -286,27 +286,10 @@ async fn read(state: &AppState, coordination_id: &str) -> Result<(Round, i64)> {
         .filter(|a| !answered.contains(a.as_str()))
         .cloned()
         .collect();
-    let mut by_key: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
-    for response in &responses {
-        if let Value::Object(result) = &response.result {
-            for (key, value) in result {
-                by_key
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(response.agent_id.clone(), value.clone());
-            }
-        }
-    }
-    let conflicts = by_key
-        .into_iter()
-        .filter(|(_, values)| {
-            values
-                .values()
-                .skip(1)
-                .any(|v| Some(v) != values.values().next())
-        })
-        .map(|(key, values)| Conflict { key, values })
-        .collect();
+    let conflicts = find_conflicts(responses.iter().filter_map(|r| match &r.result {
+        Value::Object(result) => Some((r.agent_id.as_str(), result)),
+        _ => None,
+    }));
     let end = match status.as_str() {
         "collecting" => now,
         "timed_out" => round.finished_at.unwrap_or(round.deadline),
@@ -383,6 +366,9 @@ pub async fn get(
 
 /// One step of the timer loop: rounds past their deadline become `timed_out`. Returns how many.
 pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
+    if !state.store.any_due(db::ANY_DUE, now).await? {
+        return Ok(0);
+    }
     let mut tx = state.store.begin().await?;
     let mut timed_out = 0;
     for coordination_id in db::due(tx.conn(), now, 500).await? {
