@@ -180,6 +180,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `exists_sql` (`SELECT EXISTS (…)` with one `?` for `now`) finds anything, asked
+    /// of the read pool: timer steps look before they take the write connection, so an idle tick
+    /// never makes writers wait.
+    pub async fn any_due(&self, exists_sql: &'static str, now: i64) -> Result<bool> {
+        Ok(sqlx::query_scalar::<_, bool>(exists_sql)
+            .bind(now)
+            .fetch_one(&self.read)
+            .await?)
+    }
+
     /// A cheap liveness probe for `/readyz`.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;

@@ -130,6 +130,10 @@ pub async fn finish(
     Ok(outcome.rows_affected() == 1)
 }
 
+/// Whether any collecting round is past its deadline (for `Store::any_due`).
+pub const ANY_DUE: &str =
+    "SELECT EXISTS (SELECT 1 FROM coordination WHERE status = 'collecting' AND deadline <= ?)";
+
 /// Collecting rounds past their deadline, up to `batch`.
 pub async fn due(conn: &mut SqliteConnection, now: i64, batch: u32) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(

@@ -149,6 +149,10 @@ pub async fn transition(
     Ok(outcome.rows_affected() == 1)
 }
 
+/// Whether any initiated handoff's accept timeout has passed (for `Store::any_due`).
+pub const ANY_DUE: &str =
+    "SELECT EXISTS (SELECT 1 FROM handoff WHERE status = 'initiated' AND expires_at <= ?)";
+
 /// Initiated handoffs whose accept timeout has passed, up to `batch`.
 pub async fn due(conn: &mut SqliteConnection, now: i64, batch: u32) -> Result<Vec<HandoffRow>> {
     let sql = format!(

@@ -525,6 +525,9 @@ pub fn check_query(who: &Principal, query: &HandoffQuery) -> Result<()> {
 /// One step of the timer loop: offers past their accept timeout expire (each once, whichever
 /// instance wins the compare-and-set), and the initiator is told. Returns how many expired.
 pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
+    if !state.store.any_due(db::ANY_DUE, now).await? {
+        return Ok(0);
+    }
     let mut tx = state.store.begin().await?;
     let due = db::due(tx.conn(), now, 500).await?;
     let mut expired = 0;

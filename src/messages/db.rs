@@ -268,6 +268,10 @@ pub async fn replay(
     .await?)
 }
 
+/// Whether any lease has run out (for `Store::any_due`).
+pub const ANY_EXPIRED_LEASE: &str =
+    "SELECT EXISTS (SELECT 1 FROM message WHERE state = 'claimed' AND lease_expires_at <= ?)";
+
 /// A message whose lease ran out, as the reaper left it.
 pub struct Reaped {
     pub message_id: String,

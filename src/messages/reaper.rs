@@ -24,6 +24,9 @@ pub struct Reaped {
 /// told `new_message` again) or, past `max_deliveries`, to the dead letters.
 pub async fn reap_tick(state: &AppState, now: i64) -> Result<Reaped> {
     let mut outcome = Reaped::default();
+    if !state.store.any_due(db::ANY_EXPIRED_LEASE, now).await? {
+        return Ok(outcome);
+    }
     let mut tx = state.store.begin().await?;
     let reaped = db::reap_expired(tx.conn(), state.config.limits.max_deliveries, now, 1000).await?;
     for m in &reaped {

@@ -138,6 +138,10 @@ pub async fn set_status(
         .transpose()
 }
 
+/// Whether any active session is idle past its deadline (for `Store::any_due`).
+pub const ANY_DUE: &str =
+    "SELECT EXISTS (SELECT 1 FROM session WHERE status = 'active' AND expires_at <= ?)";
+
 /// Active sessions idle past their deadline become `expired`; returns their ids.
 pub async fn expire_due(conn: &mut SqliteConnection, now: i64, batch: u32) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(

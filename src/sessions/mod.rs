@@ -282,6 +282,9 @@ pub async fn end(state: &AppState, session_id: &str) -> Result<Session> {
 
 /// One step of the timer loop: sessions idle past their deadline expire. Returns how many.
 pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
+    if !state.store.any_due(db::ANY_DUE, now).await? {
+        return Ok(0);
+    }
     let mut tx = state.store.begin().await?;
     let expired = db::expire_due(tx.conn(), now, 500).await?;
     for session_id in &expired {
