@@ -1,4 +1,5 @@
-//! The in-process broker: presence in a map with deadlines, caches in a map with expiry, pub/sub
+//! The in-process broker: presence in a map with deadlines, caches and hot copies in maps with
+//! expiry, pub/sub
 //! through one `tokio::sync::broadcast` channel that this instance's subscription drains into the
 //! hub.
 //! `std::sync::Mutex` because no lock is held across an `.await`.
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::Presence;
+use super::{Hot, HotWrite, Presence};
 use crate::events::Event;
 use crate::events::hub::Hub;
 
@@ -27,6 +28,8 @@ pub struct MemoryBroker {
     presence: Mutex<PresenceTable>,
     /// key → (value, expires_at): the read-through caches.
     cache: Mutex<HashMap<String, (Arc<str>, i64)>>,
+    /// key → (copy, expires_at): the versioned hot copies.
+    hot: Mutex<HashMap<String, (Hot, i64)>>,
     events: broadcast::Sender<Arc<Event>>,
     /// Created with the broker so nothing published before the subscription task starts is lost.
     first_receiver: Mutex<Option<broadcast::Receiver<Arc<Event>>>>,
@@ -44,6 +47,7 @@ impl MemoryBroker {
         MemoryBroker {
             presence: Mutex::default(),
             cache: Mutex::default(),
+            hot: Mutex::default(),
             events,
             first_receiver: Mutex::new(Some(receiver)),
         }
@@ -132,6 +136,76 @@ impl MemoryBroker {
             .lock()
             .expect("cache lock")
             .retain(|_, (_, expires_at)| *expires_at > now);
+        self.hot
+            .lock()
+            .expect("hot lock")
+            .retain(|_, (_, expires_at)| *expires_at > now);
+    }
+
+    pub fn hot_get(&self, key: &str, now: i64) -> Option<Hot> {
+        let hot = self.hot.lock().expect("hot lock");
+        hot.get(key)
+            .filter(|(_, expires_at)| *expires_at > now)
+            .map(|(copy, _)| copy.clone())
+    }
+
+    pub fn hot_write(
+        &self,
+        key: &str,
+        version: i64,
+        write: HotWrite<'_>,
+        keep: usize,
+        expires_at: i64,
+    ) {
+        let mut hot = self.hot.lock().expect("hot lock");
+        let entry = hot.entry(key.to_owned()).or_insert_with(|| {
+            let absent = Hot {
+                version: -1,
+                record: None,
+                log: None,
+            };
+            (absent, expires_at)
+        });
+        let copy = &mut entry.0;
+        match write {
+            HotWrite::Fill { record, log } => {
+                if copy.version > version {
+                    return;
+                }
+                if copy.version < version {
+                    copy.log = None;
+                }
+                if copy.log.is_none() {
+                    copy.log = log.map(|log| log.iter().take(keep).cloned().collect());
+                }
+                copy.record = Some(record.to_owned());
+            }
+            HotWrite::Push {
+                record,
+                entry,
+                previous,
+            } => {
+                if copy.version >= version {
+                    return;
+                }
+                match &mut copy.log {
+                    Some(log) if copy.version == previous => {
+                        log.insert(0, entry.to_owned());
+                        log.truncate(keep);
+                    }
+                    _ => copy.log = None,
+                }
+                copy.record = Some(record.to_owned());
+            }
+            HotWrite::Mark { record } => {
+                if copy.version >= version {
+                    return;
+                }
+                copy.record = record.map(str::to_owned);
+            }
+        }
+        copy.version = version;
+        entry.1 = expires_at;
     }
 
     pub fn take_expired(&self, now: i64) -> Vec<(String, i64)> {

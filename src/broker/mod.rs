@@ -1,4 +1,4 @@
-//! The real-time layer: presence, notifications between instances, and (in later areas) caches.
+//! The real-time layer: presence, notifications between instances, and read-through caches.
 //! A closed enum with two variants that pass one shared test suite: [`Broker::Memory`], the
 //! embedded default, and [`Broker::Redis`], for several instances sharing one Redis.
 //!
@@ -24,6 +24,39 @@ pub struct Presence {
     pub last_seen_at: i64,
     pub expires_at: i64,
     pub current_tasks: u32,
+}
+
+/// A versioned hot copy of a store record and its newest log entries (newest first): e.g. a
+/// session's record with its activity counter, and its activity ring. Writers reach the broker
+/// in any order, so every write carries the record's version (monotonic in the store) and never
+/// replaces a newer copy; the log is only kept while it is known to be complete — filled from
+/// the store, then extended one entry at a time without a gap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hot {
+    pub version: i64,
+    /// The record at `version`; None when only its version is known.
+    pub record: Option<String>,
+    /// The newest log entries, newest first; None when the copy may be missing some.
+    pub log: Option<Vec<String>>,
+}
+
+/// A change to a [`Hot`] copy, at a version given beside it.
+#[derive(Debug, Clone, Copy)]
+pub enum HotWrite<'a> {
+    /// The record as read from the store, with its whole kept log when that was read too.
+    Fill {
+        record: &'a str,
+        log: Option<&'a [String]>,
+    },
+    /// One log entry appended, taking the record from version `previous` to the new one. A copy
+    /// that was not exactly at `previous` gets the record but forgets its (now gapped) log.
+    Push {
+        record: &'a str,
+        entry: &'a str,
+        previous: i64,
+    },
+    /// A change without a log entry (e.g. the session ended); `None` forgets the record.
+    Mark { record: Option<&'a str> },
 }
 
 /// The broker handle: cheap to clone.
@@ -152,6 +185,34 @@ impl Broker {
                 Ok(())
             }
             Broker::Redis(b) => b.cache_del(keys).await,
+        }
+    }
+
+    /// The hot copy under `key`, if any (see [`Hot`]).
+    pub async fn hot_get(&self, key: &str, now: i64) -> Result<Option<Hot>> {
+        match self {
+            Broker::Memory(b) => Ok(b.hot_get(key, now)),
+            Broker::Redis(b) => b.hot_get(key).await,
+        }
+    }
+
+    /// Applies `write` to the hot copy under `key` unless the copy is already at `version` or
+    /// newer; keeps at most `keep` log entries and the copy for `ttl_ms` after its last write.
+    pub async fn hot_write(
+        &self,
+        key: &str,
+        version: i64,
+        write: HotWrite<'_>,
+        keep: usize,
+        ttl_ms: i64,
+        now: i64,
+    ) -> Result<()> {
+        match self {
+            Broker::Memory(b) => {
+                b.hot_write(key, version, write, keep, now + ttl_ms);
+                Ok(())
+            }
+            Broker::Redis(b) => b.hot_write(key, version, write, keep, ttl_ms).await,
         }
     }
 

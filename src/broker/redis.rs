@@ -6,6 +6,10 @@
 //!   members atomically (one Lua script), so with several instances each expiry fires once.
 //! - `P cache:{key}` — STRING with a `PX` TTL: read-through caches of store records (e.g.
 //!   `cache:chk:{checkpoint_id}`); a miss reads the store and refills.
+//! - `P hot:{key}` — HASH `v` (version), `rec` (record), `c` (1 while the log is complete) and
+//!   `P hot:{key}:log` — LIST, newest first: versioned hot copies (e.g. `hot:sess:{session_id}`, a
+//!   session with its activity ring), written by one Lua script so out-of-order writers never
+//!   leave an older copy or a gapped log; `PX` TTL; a miss reads the store and refills.
 //! - `P ev:{instance}:{topic}` — pub/sub channels carrying committed events as JSON. Each instance
 //!   dispatches its own events to its streams as it commits them, and holds one dedicated
 //!   (non-pooled) connection subscribed to the pattern `P ev:*` for everyone else's (skipping its
@@ -26,7 +30,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Presence;
+use super::{Hot, HotWrite, Presence};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::events::hub::Hub;
@@ -49,6 +53,48 @@ end
 return due
 ";
 
+/// Applies a [`HotWrite`] (see [`super::Broker::hot_write`]). KEYS: the copy's hash (`v`
+/// version, `rec` record, `c` = 1 while the log is complete) and its log list. ARGV: mode,
+/// version, ttl_ms, keep, record ('' for none), then for `fill` 1|0 (log given) and the log, for
+/// `push` the previous version and the entry.
+const HOT_WRITE: &str = r"
+local v = tonumber(ARGV[2])
+local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '-1')
+local complete = redis.call('HGET', KEYS[1], 'c') == '1'
+local mode = ARGV[1]
+if cur > v or (cur == v and mode ~= 'fill') then return 0 end
+if mode == 'fill' then
+  if cur < v then
+    redis.call('DEL', KEYS[1], KEYS[2])
+    complete = false
+  end
+  if ARGV[6] == '1' and not complete then
+    redis.call('DEL', KEYS[2])
+    if #ARGV > 6 then
+      redis.call('RPUSH', KEYS[2], unpack(ARGV, 7, math.min(#ARGV, 6 + tonumber(ARGV[4]))))
+    end
+    redis.call('HSET', KEYS[1], 'c', '1')
+  end
+elseif mode == 'push' then
+  if cur == tonumber(ARGV[6]) and complete then
+    redis.call('LPUSH', KEYS[2], ARGV[7])
+    redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+  else
+    redis.call('DEL', KEYS[2])
+    redis.call('HSET', KEYS[1], 'c', '0')
+  end
+end
+if ARGV[5] == '' then
+  redis.call('HDEL', KEYS[1], 'rec')
+else
+  redis.call('HSET', KEYS[1], 'rec', ARGV[5])
+end
+redis.call('HSET', KEYS[1], 'v', v)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+";
+
 pub struct RedisBroker {
     pool: deadpool_redis::Pool,
     client: redis::Client,
@@ -56,6 +102,7 @@ pub struct RedisBroker {
     publish_tx: mpsc::Sender<Event>,
     publish_rx: Mutex<Option<mpsc::Receiver<Event>>>,
     take_expired: redis::Script,
+    hot_write: redis::Script,
     /// The connection commands share (see [`RedisBroker::conn`]).
     shared: Mutex<Option<MultiplexedConnection>>,
     /// Names this instance's channels, so its subscription can skip its own events.
@@ -95,6 +142,7 @@ impl RedisBroker {
             publish_tx,
             publish_rx: Mutex::new(Some(publish_rx)),
             take_expired: redis::Script::new(TAKE_EXPIRED),
+            hot_write: redis::Script::new(HOT_WRITE),
             shared: Mutex::new(None),
             subscribed: AtomicBool::new(false),
             instance: crate::common::random_hex(6),
@@ -360,6 +408,74 @@ impl RedisBroker {
             .collect();
         self.timed(redis::cmd("DEL").arg(keys).query_async::<()>(&mut conn))
             .await
+    }
+
+    fn hot_keys(&self, key: &str) -> (String, String) {
+        (
+            self.key(&format!("hot:{key}")),
+            self.key(&format!("hot:{key}:log")),
+        )
+    }
+
+    pub async fn hot_get(&self, key: &str) -> Result<Option<Hot>> {
+        let mut conn = self.conn().await?;
+        let (hash, log) = self.hot_keys(key);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&hash)
+            .arg(&["v", "rec", "c"])
+            .lrange(&log, 0, -1);
+        type Fields = (Option<i64>, Option<String>, Option<String>);
+        let ((version, record, complete), entries): (Fields, Vec<String>) =
+            self.timed(pipe.query_async(&mut conn)).await?;
+        Ok(version.map(|version| Hot {
+            version,
+            record,
+            log: (complete.as_deref() == Some("1")).then_some(entries),
+        }))
+    }
+
+    pub async fn hot_write(
+        &self,
+        key: &str,
+        version: i64,
+        write: HotWrite<'_>,
+        keep: usize,
+        ttl_ms: i64,
+    ) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let (hash, log) = self.hot_keys(key);
+        let mut invocation = self.hot_write.key(hash);
+        invocation.key(log);
+        let (mode, record) = match write {
+            HotWrite::Fill { record, .. } => ("fill", record),
+            HotWrite::Push { record, .. } => ("push", record),
+            HotWrite::Mark { record } => ("mark", record.unwrap_or("")),
+        };
+        invocation
+            .arg(mode)
+            .arg(version)
+            .arg(ttl_ms.max(1))
+            .arg(keep.max(1))
+            .arg(record);
+        match write {
+            HotWrite::Fill { log, .. } => {
+                invocation.arg(u8::from(log.is_some()));
+                for entry in log.unwrap_or_default() {
+                    invocation.arg(entry);
+                }
+            }
+            HotWrite::Push {
+                entry, previous, ..
+            } => {
+                invocation.arg(previous).arg(entry);
+            }
+            HotWrite::Mark { .. } => {}
+        }
+        self.timed(invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
     }
 
     /// Ready when a command round trip works and the event subscription is established.

@@ -7,7 +7,7 @@ use super::{Activity, Session};
 use crate::common::rfc3339;
 use crate::error::{Error, Result};
 
-/// Activities kept per session.
+/// Activities kept per session (by the trigger `session_activity_keep`).
 pub const KEEP_ACTIVITIES: i64 = 100;
 
 const COLUMNS: &str =
@@ -44,22 +44,24 @@ pub struct NewRow<'a> {
     pub now: i64,
 }
 
-pub async fn insert(conn: &mut SqliteConnection, s: &NewRow<'_>) -> Result<()> {
-    sqlx::query(
+/// Inserts a session; returns it as stored.
+pub async fn insert(conn: &mut SqliteConnection, s: &NewRow<'_>) -> Result<Session> {
+    let sql = format!(
         "INSERT INTO session (session_id, session_type, context, status, ttl_s, created_at,
                               last_activity_at, expires_at)
-         VALUES (?, ?, ?, 'active', ?, ?, ?, ?)",
-    )
-    .bind(s.session_id)
-    .bind(s.session_type)
-    .bind(s.context)
-    .bind(s.ttl_s)
-    .bind(s.now)
-    .bind(s.now)
-    .bind(s.now + i64::from(s.ttl_s) * 1000)
-    .execute(conn)
-    .await?;
-    Ok(())
+         VALUES (?, ?, ?, 'active', ?, ?, ?, ?) RETURNING {COLUMNS}"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(s.session_id)
+        .bind(s.session_type)
+        .bind(s.context)
+        .bind(s.ttl_s)
+        .bind(s.now)
+        .bind(s.now)
+        .bind(s.now + i64::from(s.ttl_s) * 1000)
+        .fetch_one(conn)
+        .await?;
+    from_row(&row).map(|(_, s)| s)
 }
 
 pub async fn get(conn: impl sqlx::SqliteExecutor<'_>, session_id: &str) -> Result<Option<Session>> {
@@ -73,8 +75,8 @@ pub async fn get(conn: impl sqlx::SqliteExecutor<'_>, session_id: &str) -> Resul
         .transpose()
 }
 
-/// Records an activity on a live session (active and not past its deadline), extends its life
-/// and keeps the newest activities only. Returns the session after it, None when not live.
+/// Records an activity on a live session (active and not past its deadline) and extends its
+/// life (a trigger keeps the newest activities only). Returns the session after it, None when not live.
 pub async fn append(
     conn: &mut SqliteConnection,
     session_id: &str,
@@ -105,15 +107,6 @@ pub async fn append(
         .bind(now)
         .execute(&mut *conn)
         .await?;
-    sqlx::query(
-        "DELETE FROM session_activity WHERE session_id = ? AND seq <= (
-             SELECT seq FROM session_activity WHERE session_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-    )
-    .bind(session_id)
-    .bind(session_id)
-    .bind(KEEP_ACTIVITIES)
-    .execute(&mut *conn)
-    .await?;
     from_row(&row).map(|(_, s)| Some(s))
 }
 
@@ -142,12 +135,17 @@ pub async fn set_status(
 pub const ANY_DUE: &str =
     "SELECT EXISTS (SELECT 1 FROM session WHERE status = 'active' AND expires_at <= ?)";
 
-/// Active sessions idle past their deadline become `expired`; returns their ids.
-pub async fn expire_due(conn: &mut SqliteConnection, now: i64, batch: u32) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
+/// Active sessions idle past their deadline become `expired`; returns their ids and activity
+/// counts.
+pub async fn expire_due(
+    conn: &mut SqliteConnection,
+    now: i64,
+    batch: u32,
+) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
         "UPDATE session SET status = 'expired'
          WHERE seq IN (SELECT seq FROM session WHERE status = 'active' AND expires_at <= ? LIMIT ?)
-         RETURNING session_id",
+         RETURNING session_id, activity_count",
     )
     .bind(now)
     .bind(batch)
@@ -179,17 +177,26 @@ pub async fn list(
     rows.iter().map(from_row).collect()
 }
 
-/// A session's kept activities, newest first.
-pub async fn activities(pool: &SqlitePool, session_id: &str) -> Result<Vec<Activity>> {
+/// A session with its kept activities (newest first), read in one snapshot.
+pub async fn with_activities(
+    pool: &SqlitePool,
+    session_id: &str,
+) -> Result<Option<(Session, Vec<Activity>)>> {
+    let mut tx = pool.begin().await?;
+    let Some(session) = get(&mut *tx, session_id).await? else {
+        return Ok(None);
+    };
     let rows = sqlx::query(
         "SELECT activity_type, details, agent_id, at FROM session_activity
          WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
     )
     .bind(session_id)
     .bind(KEEP_ACTIVITIES)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
-    rows.iter()
+    tx.commit().await?;
+    let activities = rows
+        .iter()
         .map(|r| {
             Ok(Activity {
                 activity_type: r.try_get("activity_type")?,
@@ -198,5 +205,6 @@ pub async fn activities(pool: &SqlitePool, session_id: &str) -> Result<Vec<Activ
                 at: rfc3339(r.try_get("at")?),
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(Some((session, activities)))
 }

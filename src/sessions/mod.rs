@@ -1,6 +1,7 @@
 //! Sessions: a unit of collaborative work with an activity log, kept across restarts of the
-//! service and of Redis (the store is the truth; the broker caches each session's hot record —
-//! status, activity counter, deadline — as a read-through cache). Each activity extends the life
+//! service and of Redis (the store is the truth; the broker holds each session's hot copy — the
+//! record with its status, activity counter and deadline, and the activity ring — as a versioned
+//! read-through cache, see [`crate::broker::Hot`]). Each activity extends the life
 //! by `ttl_s`; a session idle past it expires ([`expire_tick`]) and takes no more activities
 //! (404). The newest 100 activities are kept.
 
@@ -12,12 +13,13 @@ use serde_json::{Map, Value, json};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::app::AppState;
+use crate::broker::{Hot, HotWrite};
 use crate::common::{now_ms, random_hex, validate_agent_id, validate_text};
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use crate::memory::{self, NewMemory};
 
-/// How long a session's hot record stays in the broker's cache.
+/// How long a session's hot copy stays in the broker after its last write.
 const CACHE_TTL_MS: i64 = 600_000;
 /// Largest context or activity details, serialized.
 const MAX_OBJECT: usize = 64 << 10;
@@ -108,8 +110,53 @@ pub struct SessionQuery {
     pub cursor: Option<String>,
 }
 
-fn cache_key(session_id: &str) -> String {
+fn hot_key(session_id: &str) -> String {
     format!("sess:{session_id}")
+}
+
+/// The version of a session's hot copy: it grows with every activity and once more when the
+/// session ends or expires (after which nothing changes).
+fn version(activity_count: i64, status: &str) -> i64 {
+    activity_count * 2 + i64::from(status != "active")
+}
+
+/// Writes to the session's hot copy; a failure only costs the fast path.
+async fn hot_write(state: &AppState, session_id: &str, version: i64, write: HotWrite<'_>) {
+    let written = state
+        .broker
+        .hot_write(
+            &hot_key(session_id),
+            version,
+            write,
+            db::KEEP_ACTIVITIES as usize,
+            CACHE_TTL_MS,
+            now_ms(),
+        )
+        .await;
+    if let Err(e) = written {
+        tracing::warn!(error = %e, session_id, "session hot copy not written");
+    }
+}
+
+/// Refills the hot copy from what the store answered (with the activities when read too).
+async fn fill(state: &AppState, session: &Session, activities: Option<&[Activity]>) {
+    let serialized = serde_json::to_string(session).and_then(|record| {
+        let log: Option<Vec<String>> = activities
+            .map(|items| items.iter().map(serde_json::to_string).collect())
+            .transpose()?;
+        Ok((record, log))
+    });
+    match serialized {
+        Ok((record, log)) => {
+            let write = HotWrite::Fill {
+                record: &record,
+                log: log.as_deref(),
+            };
+            let v = version(session.activity_count, &session.status);
+            hot_write(state, &session.session_id, v, write).await;
+        }
+        Err(e) => tracing::warn!(error = %e, "session not serialized"),
+    }
 }
 
 fn too_large(field: &str, object: &Map<String, Value>) -> Result<String> {
@@ -122,27 +169,6 @@ fn too_large(field: &str, object: &Map<String, Value>) -> Result<String> {
     Ok(json)
 }
 
-/// Refreshes the hot copy; a failure only costs the fast path.
-async fn cache(state: &AppState, session: &Session) {
-    let cached = match serde_json::to_string(session) {
-        Ok(json) => {
-            state
-                .broker
-                .cache_put(
-                    &cache_key(&session.session_id),
-                    &json,
-                    CACHE_TTL_MS,
-                    now_ms(),
-                )
-                .await
-        }
-        Err(e) => Err(Error::Internal(e.to_string())),
-    };
-    if let Err(e) = cached {
-        tracing::warn!(error = %e, session_id = %session.session_id, "session not cached");
-    }
-}
-
 /// Opens a session (and records a memory of it).
 pub async fn create(state: &AppState, new: NewSession) -> Result<Session> {
     validate_text("session_type", &new.session_type, 128)?;
@@ -153,7 +179,7 @@ pub async fn create(state: &AppState, new: NewSession) -> Result<Session> {
     let now = now_ms();
     let session_id = format!("sess_{}_{}", now / 1000, random_hex(8));
     let mut tx = state.store.begin().await?;
-    db::insert(
+    let session = db::insert(
         tx.conn(),
         &db::NewRow {
             session_id: &session_id,
@@ -184,31 +210,54 @@ pub async fn create(state: &AppState, new: NewSession) -> Result<Session> {
         "sessions",
         "session.created",
         json!({"session_id": session_id, "session_type": new.session_type}),
-    ))
-    .await?;
-    let session = db::get(tx.conn(), &session_id)
-        .await?
-        .ok_or_else(|| Error::Internal("session vanished".into()))?;
+    ));
     tx.commit(&state.broker).await?;
-    cache(state, &session).await;
+    fill(state, &session, Some(&[])).await;
     Ok(session)
 }
 
-/// A session: the broker's hot copy when it has one, else the store (refilling the cache).
+/// The session's hot copy, if the broker has one (a broker failure reads as a miss).
+async fn hot(state: &AppState, session_id: &str) -> Option<Hot> {
+    match state.broker.hot_get(&hot_key(session_id), now_ms()).await {
+        Ok(hot) => hot,
+        Err(e) => {
+            tracing::warn!(error = %e, session_id, "session read from the store");
+            None
+        }
+    }
+}
+
+/// A session: the broker's hot copy when it has one, else the store (refilling the copy).
 pub async fn get(state: &AppState, session_id: &str) -> Result<Session> {
-    if let Ok(Some(json)) = state
-        .broker
-        .cache_get(&cache_key(session_id), now_ms())
-        .await
-        && let Ok(session) = serde_json::from_str::<Session>(&json)
+    if let Some(record) = hot(state, session_id).await.and_then(|h| h.record)
+        && let Ok(session) = serde_json::from_str::<Session>(&record)
     {
         return Ok(session);
     }
     let session = db::get(state.store.reader(), session_id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no session {session_id:?}")))?;
-    cache(state, &session).await;
+    fill(state, &session, None).await;
     Ok(session)
+}
+
+/// A session's kept activities, newest first: the broker's activity ring when it is complete,
+/// else the store (refilling the ring).
+pub async fn activities(state: &AppState, session_id: &str) -> Result<Vec<Activity>> {
+    if let Some(log) = hot(state, session_id).await.and_then(|h| h.log) {
+        let parsed: serde_json::Result<Vec<Activity>> = log
+            .iter()
+            .map(|entry| serde_json::from_str(entry))
+            .collect();
+        if let Ok(activities) = parsed {
+            return Ok(activities);
+        }
+    }
+    let (session, activities) = db::with_activities(state.store.reader(), session_id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no session {session_id:?}")))?;
+    fill(state, &session, Some(&activities)).await;
+    Ok(activities)
 }
 
 /// Records an activity: 404 for an unknown or expired session, 409 for an ended one.
@@ -248,10 +297,26 @@ pub async fn record(
         "session.activity",
         json!({"session_id": session_id, "activity_type": new.activity_type, "agent_id": new.agent_id,
                "activity_count": session.activity_count}),
-    ))
-    .await?;
+    ));
     tx.commit(&state.broker).await?;
-    cache(state, &session).await;
+    let activity = Activity {
+        activity_type: new.activity_type,
+        details: Value::Object(new.details),
+        agent_id: new.agent_id,
+        at: session.last_activity_at.clone(),
+    };
+    if let (Ok(record), Ok(entry)) = (
+        serde_json::to_string(&session),
+        serde_json::to_string(&activity),
+    ) {
+        let v = version(session.activity_count, &session.status);
+        let write = HotWrite::Push {
+            record: &record,
+            entry: &entry,
+            previous: v - 2,
+        };
+        hot_write(state, session_id, v, write).await;
+    }
     Ok(ActivityReceipt {
         session_id: session.session_id,
         activity_count: session.activity_count,
@@ -273,10 +338,15 @@ pub async fn end(state: &AppState, session_id: &str) -> Result<Session> {
         "sessions",
         "session.ended",
         json!({"session_id": session_id}),
-    ))
-    .await?;
+    ));
     tx.commit(&state.broker).await?;
-    cache(state, &session).await;
+    if let Ok(record) = serde_json::to_string(&session) {
+        let v = version(session.activity_count, &session.status);
+        let write = HotWrite::Mark {
+            record: Some(&record),
+        };
+        hot_write(state, session_id, v, write).await;
+    }
     Ok(session)
 }
 
@@ -287,18 +357,23 @@ pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
     }
     let mut tx = state.store.begin().await?;
     let expired = db::expire_due(tx.conn(), now, 500).await?;
-    for session_id in &expired {
+    for (session_id, _) in &expired {
         tx.emit(NewEvent::new(
             "sessions",
             "session.expired",
             json!({"session_id": session_id}),
-        ))
-        .await?;
+        ));
     }
     tx.commit(&state.broker).await?;
-    let keys: Vec<String> = expired.iter().map(|id| cache_key(id)).collect();
-    if let Err(e) = state.broker.cache_del(&keys).await {
-        tracing::warn!(error = %e, "expired sessions stay cached until their TTL");
+    for (session_id, activity_count) in &expired {
+        let write = HotWrite::Mark { record: None };
+        hot_write(
+            state,
+            session_id,
+            version(*activity_count, "expired"),
+            write,
+        )
+        .await;
     }
     Ok(expired.len())
 }

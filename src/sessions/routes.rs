@@ -110,11 +110,8 @@ pub async fn activities(
     Path(session_id): Path<String>,
 ) -> Result<Json<Activities>> {
     who.require_reader()?;
-    if db::get(state.store.reader(), &session_id).await?.is_none() {
-        return Err(Error::NotFound(format!("no session {session_id:?}")));
-    }
     Ok(Json(Activities {
-        items: db::activities(state.store.reader(), &session_id).await?,
+        items: super::activities(&state, &session_id).await?,
     }))
 }
 

@@ -1,6 +1,8 @@
 //! Sessions: ids, activities (newest first, the last 100 kept, each extending the life),
-//! expiry, end, and survival across a restart of the service and a FLUSHALL of Redis.
+//! expiry, end, the broker's versioned hot copy (record and activity ring), and survival across a
+//! restart of the service and a FLUSHALL of Redis.
 
+use ltmc::broker::{Broker, Hot, HotWrite};
 use ltmc::common::now_ms;
 use serde_json::json;
 
@@ -235,3 +237,129 @@ async fn sessions_survive_kill_9() {
         .status();
     assert_eq!(status, 201);
 }
+
+// The broker's versioned hot copy, driven directly: writers that arrive out of order never leave
+// an older record or a log with a gap, and a stale fill never replaces a newer copy.
+both_brokers!(hot_copies_take_writes_in_any_order, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    let broker = &app.state.broker;
+    let now = now_ms();
+    async fn write_at(broker: &Broker, now: i64, version: i64, w: HotWrite<'_>) -> Hot {
+        broker
+            .hot_write("t:1", version, w, 3, 60_000, now)
+            .await
+            .unwrap();
+        broker.hot_get("t:1", now).await.unwrap().unwrap()
+    }
+    let write = |version, w| write_at(broker, now, version, w);
+    let hot = |version: i64, record: Option<&str>, log: Option<&[&str]>| Hot {
+        version,
+        record: record.map(str::to_owned),
+        log: log.map(|l| l.iter().map(|e| e.to_string()).collect()),
+    };
+    assert_eq!(broker.hot_get("t:1", now).await.unwrap(), None);
+    let empty: &[String] = &[];
+    let fill = |record, log| HotWrite::Fill { record, log };
+    let push = |record, entry, previous| HotWrite::Push {
+        record,
+        entry,
+        previous,
+    };
+    assert_eq!(
+        write(0, fill("r0", Some(empty))).await,
+        hot(0, Some("r0"), Some(&[]))
+    );
+    assert_eq!(
+        write(2, push("r2", "a", 0)).await,
+        hot(2, Some("r2"), Some(&["a"]))
+    );
+    // Version 4's push is late: 6 arrives first, so the log would have a gap and is dropped.
+    assert_eq!(write(6, push("r6", "c", 4)).await, hot(6, Some("r6"), None));
+    assert_eq!(write(4, push("r4", "b", 2)).await, hot(6, Some("r6"), None));
+    // A fill from a read that began before version 6 committed is refused …
+    let stale: &[String] = &["b".into(), "a".into()];
+    assert_eq!(
+        write(4, fill("r4", Some(stale))).await,
+        hot(6, Some("r6"), None)
+    );
+    // … one at version 6 restores the log; the copy then grows again, keeping the newest 3.
+    let whole: &[String] = &["c".into(), "b".into(), "a".into()];
+    assert_eq!(
+        write(6, fill("r6", Some(whole))).await,
+        hot(6, Some("r6"), Some(&["c", "b", "a"]))
+    );
+    assert_eq!(
+        write(8, push("r8", "d", 6)).await,
+        hot(8, Some("r8"), Some(&["d", "c", "b"]))
+    );
+    // A mark without a record (expiry) keeps the log; a fill of the record at that version
+    // brings the record back without touching the log.
+    let mark = write(9, HotWrite::Mark { record: None }).await;
+    assert_eq!(mark, hot(9, None, Some(&["d", "c", "b"])));
+    assert_eq!(
+        write(9, fill("r9", None)).await,
+        hot(9, Some("r9"), Some(&["d", "c", "b"]))
+    );
+    // An older mark or push changes nothing.
+    assert_eq!(
+        write(8, HotWrite::Mark { record: Some("r8") }).await,
+        hot(9, Some("r9"), Some(&["d", "c", "b"]))
+    );
+    app.stop().await;
+});
+
+// Concurrent activities on one session: the activity ring the broker serves is exactly what the
+// store holds, and after a FLUSHALL (Redis) the first read answers from the store and refills it.
+both_brokers!(activity_ring_matches_the_store, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    let (_, session) = app
+        .post("/v1/sessions", json!({"session_type": "ring"}))
+        .await;
+    let id = session["session_id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/sessions/{id}/activities");
+    let record = |i: usize| {
+        let app = &app;
+        let path = &path;
+        async move {
+            let (status, _) = app
+                .post(path, json!({"activity_type": "edit", "details": {"i": i}}))
+                .await;
+            assert_eq!(status, 201);
+        }
+    };
+    futures_util::future::join_all((0..120).map(record)).await;
+    let from_store = || async {
+        let (_, activities) = ltmc::sessions::db::with_activities(app.state.store.reader(), &id)
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::to_value(activities).unwrap()
+    };
+    let hot = app
+        .state
+        .broker
+        .hot_get(&format!("sess:{id}"), now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hot.version, 240);
+    let (_, listed) = app.get(&path).await;
+    assert_eq!(listed["items"], from_store().await);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 100);
+    if kind == Kind::Redis && app.redis.as_ref().unwrap().owned() {
+        app.redis.as_ref().unwrap().flushall().await;
+        record(120).await;
+        let (_, listed) = app.get(&path).await;
+        assert_eq!(listed["items"][0]["details"]["i"], 120);
+        assert_eq!(listed["items"], from_store().await);
+        let refilled = app
+            .state
+            .broker
+            .hot_get(&format!("sess:{id}"), now_ms())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(refilled.log.map(|log| log.len()), Some(100));
+    }
+    app.stop().await;
+});
