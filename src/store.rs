@@ -18,6 +18,7 @@ use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::broker::Broker;
+use crate::common::now_ms;
 use crate::error::Result;
 use crate::events::{self, NewEvent};
 
@@ -136,7 +137,7 @@ impl Store {
         guard.begin().await?;
         Ok(Writer {
             guard: Some(guard),
-            emitted: false,
+            pending: Vec::new(),
         })
     }
 
@@ -244,8 +245,8 @@ impl DerefMut for AutoCommit {
 pub struct Writer {
     /// Always `Some` until commit or drop.
     guard: Option<OwnedMutexGuard<WriteConn>>,
-    /// Whether anything was logged: only then is there something to publish.
-    emitted: bool,
+    /// Events emitted so far, with the time of each.
+    pending: Vec<(i64, NewEvent)>,
 }
 
 impl Writer {
@@ -254,21 +255,23 @@ impl Writer {
         &mut self.guard.as_mut().expect("an open writer").conn
     }
 
-    /// Appends an event to the log in this transaction; it is published after commit.
-    pub async fn emit(&mut self, event: NewEvent) -> Result<()> {
-        events::db::append(self.conn(), event).await?;
-        self.emitted = true;
-        Ok(())
+    /// Adds an event to this transaction: it is appended to the log (with the others, in one
+    /// statement) when the transaction commits, and published after.
+    pub fn emit(&mut self, event: NewEvent) {
+        self.pending.push((now_ms(), event));
     }
 
-    /// Commits, then hands the events to the broker in `seq` order while still holding the
+    /// Appends the emitted events and commits, then hands every event the transaction logged
+    /// (also those written by triggers) to the broker in `seq` order while still holding the
     /// write connection, so no later commit can be published before them.
     pub async fn commit(mut self, broker: &Broker) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        if !pending.is_empty() {
+            events::db::append(self.conn(), &pending).await?;
+        }
         let mut guard = self.guard.take().expect("an open writer");
         guard.commit().await?;
-        if self.emitted {
-            guard.publish_logged(broker).await;
-        }
+        guard.publish_logged(broker).await;
         Ok(())
     }
 }

@@ -186,8 +186,7 @@ pub async fn register(state: &AppState, who: &Principal, new: NewAgent) -> Resul
         "agents",
         kind,
         json!({"agent_id": row.agent_id, "capabilities": row.capabilities, "status": "available"}),
-    ))
-    .await?;
+    ));
     tx.commit(&state.broker).await?;
 
     let current = state
@@ -339,8 +338,7 @@ pub async fn delete(state: &AppState, agent_id: &str) -> Result<()> {
         "agents",
         "agent.deleted",
         json!({"agent_id": agent_id}),
-    ))
-    .await?;
+    ));
     tx.commit(&state.broker).await?;
     if let Err(e) = state.broker.remove_presence(agent_id).await {
         tracing::warn!(error = %e, agent_id, "presence not removed; it expires by itself");
@@ -367,8 +365,7 @@ pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
             "agents",
             "agent.expired",
             json!({"agent_id": agent_id, "status": "offline", "last_seen_at": rfc3339(last_seen_at)}),
-        ))
-        .await?;
+        ));
         count += 1;
     }
     tx.commit(&state.broker).await?;

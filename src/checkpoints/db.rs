@@ -3,6 +3,8 @@
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
+use serde_json::value::RawValue;
+
 use super::Checkpoint;
 use crate::common::rfc3339;
 use crate::error::{Error, Result};
@@ -19,7 +21,8 @@ fn from_row(row: &SqliteRow) -> Result<(i64, Checkpoint)> {
         Checkpoint {
             checkpoint_id: row.try_get("checkpoint_id")?,
             coordination_id: row.try_get("coordination_id")?,
-            state: json("state")?,
+            state: RawValue::from_string(row.try_get("state")?)
+                .map_err(|e| Error::Internal(format!("state: {e}")))?,
             agents: serde_json::from_value(json("agents")?)
                 .map_err(|e| Error::Internal(e.to_string()))?,
             status: row.try_get("status")?,
@@ -29,19 +32,14 @@ fn from_row(row: &SqliteRow) -> Result<(i64, Checkpoint)> {
     ))
 }
 
-pub async fn insert(
-    conn: &mut SqliteConnection,
-    c: &Checkpoint,
-    state: &str,
-    created_at: i64,
-) -> Result<()> {
+pub async fn insert(conn: &mut SqliteConnection, c: &Checkpoint, created_at: i64) -> Result<()> {
     sqlx::query(
         "INSERT INTO checkpoint (checkpoint_id, coordination_id, state, agents, status, created_at)
          VALUES (?, ?, ?, ?, ?, ?)",
     )
     .bind(&c.checkpoint_id)
     .bind(&c.coordination_id)
-    .bind(state)
+    .bind(c.state.get())
     .bind(serde_json::Value::from(c.agents.clone()).to_string())
     .bind(&c.status)
     .bind(created_at)

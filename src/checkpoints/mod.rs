@@ -8,7 +8,8 @@ pub mod db;
 pub mod routes;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::value::RawValue;
+use serde_json::{Map, json};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::app::AppState;
@@ -28,9 +29,9 @@ const MAX_STATE: usize = 512 << 10;
 pub struct NewCheckpoint {
     /// The coordination (workflow, session, round, …) this is a checkpoint of (1-128 bytes).
     pub coordination_id: String,
-    /// The state to restore (at most 512 KiB serialized).
+    /// The state to restore: a JSON object of at most 512 KiB, kept and answered as sent.
     #[schema(value_type = Object)]
-    pub state: Map<String, Value>,
+    pub state: Box<RawValue>,
     /// The agents taking part.
     #[serde(default)]
     pub agents: Vec<String>,
@@ -43,8 +44,9 @@ pub struct NewCheckpoint {
 pub struct Checkpoint {
     pub checkpoint_id: String,
     pub coordination_id: String,
+    /// The state as saved (its JSON text is stored and answered untouched).
     #[schema(value_type = Object)]
-    pub state: Value,
+    pub state: Box<RawValue>,
     pub agents: Vec<String>,
     pub status: String,
     pub created_at: String,
@@ -77,8 +79,10 @@ pub async fn save(state: &AppState, new: NewCheckpoint) -> Result<Checkpoint> {
     for (i, agent) in new.agents.iter().enumerate() {
         validate_agent_id(&format!("agents[{i}]"), agent)?;
     }
-    let state_json = Value::Object(new.state).to_string();
-    if state_json.len() > MAX_STATE {
+    if !new.state.get().starts_with('{') {
+        return Err(Error::invalid("state", "must be a JSON object"));
+    }
+    if new.state.get().len() > MAX_STATE {
         return Err(Error::PayloadTooLarge(format!(
             "state is larger than {MAX_STATE} bytes"
         )));
@@ -87,14 +91,14 @@ pub async fn save(state: &AppState, new: NewCheckpoint) -> Result<Checkpoint> {
     let checkpoint = Checkpoint {
         checkpoint_id: new_id("chk"),
         coordination_id: new.coordination_id,
-        state: Value::Null,
+        state: new.state,
         agents: new.agents,
         status: new.status,
         created_at: rfc3339(now),
         source: None,
     };
     let mut tx = state.store.begin().await?;
-    db::insert(tx.conn(), &checkpoint, &state_json, now).await?;
+    db::insert(tx.conn(), &checkpoint, now).await?;
     let trimmed = db::trim(
         tx.conn(),
         &checkpoint.coordination_id,
@@ -125,13 +129,8 @@ pub async fn save(state: &AppState, new: NewCheckpoint) -> Result<Checkpoint> {
         "checkpoint.saved",
         json!({"checkpoint_id": checkpoint.checkpoint_id, "coordination_id": checkpoint.coordination_id,
                "status": checkpoint.status}),
-    ))
-    .await?;
+    ));
     tx.commit(&state.broker).await?;
-    let checkpoint = Checkpoint {
-        state: serde_json::from_str(&state_json).map_err(|e| Error::Internal(e.to_string()))?,
-        ..checkpoint
-    };
     refill(state, &checkpoint, now).await;
     let trimmed: Vec<String> = trimmed.iter().map(|id| cache_key(id)).collect();
     if let Err(e) = state.broker.cache_del(&trimmed).await {

@@ -152,8 +152,7 @@ async fn write(
             json!({"agent_id": agent_id, "version": version, "by": why}),
         )
         .to_agent(agent_id),
-    )
-    .await?;
+    );
     Ok(Context {
         agent_id: agent_id.to_owned(),
         values: values.clone(),

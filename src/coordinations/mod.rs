@@ -182,8 +182,7 @@ pub async fn start(state: &AppState, new: NewRound) -> Result<Started> {
     for agent in &round.agents {
         tx.emit(
             NewEvent::new("coordinations", "coordination.request", request.clone()).to_agent(agent),
-        )
-        .await?;
+        );
     }
     memory::store_memory(
         &mut tx,
@@ -251,8 +250,7 @@ pub async fn respond(
         "coordinations",
         "coordination.response",
         json!({"coordination_id": coordination_id, "agent_id": new.agent_id, "success": new.success}),
-    ))
-    .await?;
+    ));
     if db::responses(tx.conn(), coordination_id).await?.len() == round.agents.len()
         && db::finish(tx.conn(), coordination_id, "completed", now).await?
     {
@@ -260,8 +258,7 @@ pub async fn respond(
             "coordinations",
             "coordination.completed",
             json!({"coordination_id": coordination_id}),
-        ))
-        .await?;
+        ));
     }
     tx.commit(&state.broker).await
 }
@@ -377,8 +374,7 @@ pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
                 "coordinations",
                 "coordination.timed_out",
                 json!({"coordination_id": coordination_id}),
-            ))
-            .await?;
+            ));
             timed_out += 1;
         }
     }

@@ -3,7 +3,6 @@
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::{Event, NewEvent};
-use crate::common::now_ms;
 use crate::error::Result;
 
 fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
@@ -19,16 +18,21 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
     })
 }
 
-/// Appends an event (inside the caller's transaction); it is published after the commit.
-pub async fn append(conn: &mut SqliteConnection, event: NewEvent) -> Result<()> {
-    sqlx::query("INSERT INTO event (topic, type, agent_id, at, data) VALUES (?, ?, ?, ?, ?)")
-        .bind(event.topic)
-        .bind(event.kind)
-        .bind(&event.agent_id)
-        .bind(now_ms())
-        .bind(event.data.to_string())
-        .execute(conn)
-        .await?;
+/// Appends events, each with the time it was emitted, in one statement per thousand (inside the
+/// caller's transaction); they are published after the commit.
+pub async fn append(conn: &mut SqliteConnection, events: &[(i64, NewEvent)]) -> Result<()> {
+    for chunk in events.chunks(1000) {
+        let mut insert =
+            sqlx::QueryBuilder::new("INSERT INTO event (topic, type, agent_id, at, data) ");
+        insert.push_values(chunk, |mut row, (at, event)| {
+            row.push_bind(event.topic)
+                .push_bind(event.kind)
+                .push_bind(&event.agent_id)
+                .push_bind(at)
+                .push_bind(event.data.to_string());
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

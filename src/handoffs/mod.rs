@@ -308,8 +308,7 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
     };
     db::insert(tx.conn(), &handoff).await?;
     offer(&mut tx, &handoff, now).await?;
-    tx.emit(event("handoff.offered", &handoff, &handoff.to_agent))
-        .await?;
+    tx.emit(event("handoff.offered", &handoff, &handoff.to_agent));
     tx.commit(&state.broker).await?;
     Ok(handoff.into())
 }
@@ -388,7 +387,7 @@ async fn move_to(
     if result.is_some() {
         h.result = result;
     }
-    tx.emit(event(kind, &h, notify)).await?;
+    tx.emit(event(kind, &h, notify));
     Ok(h.into())
 }
 
@@ -539,7 +538,7 @@ pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
                 completed_at: Some(now),
                 ..h
             };
-            tx.emit(event("handoff.expired", &h, &from)).await?;
+            tx.emit(event("handoff.expired", &h, &from));
             expired += 1;
         }
     }

@@ -1,4 +1,5 @@
-//! The SQL of memories, graph edges and patterns. Lists are newest first, paged by `seq`.
+//! The SQL of memories, graph edges and patterns. Lists are newest first, paged by `seq`. A
+//! memory's tags and full-text row are kept by triggers (migrations 0003 and 0009).
 
 use serde_json::Value;
 use sqlx::sqlite::SqliteRow;
@@ -53,25 +54,10 @@ fn memory_from_row(row: &SqliteRow) -> Result<(i64, MemoryRow)> {
     ))
 }
 
-async fn replace_tags(conn: &mut SqliteConnection, seq: i64, tags: &[String]) -> Result<()> {
-    sqlx::query("DELETE FROM memory_tag WHERE seq = ?")
-        .bind(seq)
-        .execute(&mut *conn)
-        .await?;
-    for tag in tags {
-        sqlx::query("INSERT OR IGNORE INTO memory_tag (tag, seq) VALUES (?, ?)")
-            .bind(tag)
-            .bind(seq)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
-
 pub async fn insert_memory(conn: &mut SqliteConnection, m: &MemoryRow) -> Result<()> {
-    let seq: i64 = sqlx::query_scalar(
+    sqlx::query(
         "INSERT INTO memory (memory_id, content, tags, metadata, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+         VALUES (?, ?, ?, ?, ?, ?)",
     )
     .bind(&m.memory_id)
     .bind(&m.content)
@@ -79,9 +65,9 @@ pub async fn insert_memory(conn: &mut SqliteConnection, m: &MemoryRow) -> Result
     .bind(m.metadata.to_string())
     .bind(m.created_at)
     .bind(m.updated_at)
-    .fetch_one(&mut *conn)
+    .execute(conn)
     .await?;
-    replace_tags(conn, seq, &m.tags).await
+    Ok(())
 }
 
 pub async fn get_memory(
@@ -101,18 +87,18 @@ pub async fn get_memory(
 }
 
 pub async fn update_memory(conn: &mut SqliteConnection, m: &MemoryRow) -> Result<()> {
-    let seq: i64 = sqlx::query_scalar(
+    sqlx::query(
         "UPDATE memory SET content = ?, tags = ?, metadata = ?, updated_at = ?
-         WHERE memory_id = ? RETURNING seq",
+         WHERE memory_id = ?",
     )
     .bind(&m.content)
     .bind(Value::from(m.tags.clone()).to_string())
     .bind(m.metadata.to_string())
     .bind(m.updated_at)
     .bind(&m.memory_id)
-    .fetch_one(&mut *conn)
+    .execute(conn)
     .await?;
-    replace_tags(conn, seq, &m.tags).await
+    Ok(())
 }
 
 /// Memories before `before` (a seq), newest first, optionally with a tag and matching an FTS5

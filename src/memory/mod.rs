@@ -206,8 +206,7 @@ pub async fn store_memory(tx: &mut Writer, new: NewMemory) -> Result<Memory> {
         "memory",
         "memory.stored",
         json!({"memory_id": memory.memory_id, "tags": memory.tags}),
-    ))
-    .await?;
+    ));
     Ok(memory.into())
 }
 
@@ -243,8 +242,7 @@ pub async fn update_memory(tx: &mut Writer, memory_id: &str, patch: MemoryPatch)
         "memory",
         "memory.updated",
         json!({"memory_id": memory.memory_id}),
-    ))
-    .await?;
+    ));
     Ok(memory.into())
 }
 
@@ -268,8 +266,7 @@ pub async fn link(tx: &mut Writer, new: NewEdge) -> Result<Edge> {
         "graph.linked",
         json!({"edge_id": edge.edge_id, "source": edge.source, "target": edge.target,
                "relationship": edge.relationship}),
-    ))
-    .await?;
+    ));
     Ok(edge.into())
 }
 
@@ -294,8 +291,7 @@ pub async fn record_pattern(tx: &mut Writer, new: NewPattern) -> Result<Pattern>
         "pattern.recorded",
         json!({"pattern_id": pattern.pattern_id, "pattern_type": pattern.pattern_type,
                "success": pattern.success}),
-    ))
-    .await?;
+    ));
     Ok(pattern.into())
 }
 

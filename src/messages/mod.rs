@@ -349,8 +349,7 @@ pub async fn nack(state: &AppState, agent_id: &str, message_id: &str, body: Nack
     {
         Some(new_state) => {
             if new_state == "dead" {
-                tx.emit(dead_lettered(agent_id, message_id, i64::from(max)))
-                    .await?;
+                tx.emit(dead_lettered(agent_id, message_id, i64::from(max)));
             }
             tx.commit(&state.broker).await
         }
@@ -401,8 +400,7 @@ pub async fn replay(state: &AppState, agent_id: &str, message_id: &str) -> Resul
                     }),
                 )
                 .to_agent(agent_id),
-            )
-            .await?;
+            );
             tx.commit(&state.broker).await
         }
         None => match db::lease_state(tx.conn(), agent_id, message_id).await? {

@@ -32,8 +32,7 @@ pub async fn reap_tick(state: &AppState, now: i64) -> Result<Reaped> {
     for m in &reaped {
         if m.state == "dead" {
             outcome.dead_lettered += 1;
-            tx.emit(dead_lettered(&m.recipient, &m.message_id, m.delivery_count))
-                .await?;
+            tx.emit(dead_lettered(&m.recipient, &m.message_id, m.delivery_count));
         } else {
             outcome.redelivered += 1;
             tx.emit(
@@ -46,8 +45,7 @@ pub async fn reap_tick(state: &AppState, now: i64) -> Result<Reaped> {
                     }),
                 )
                 .to_agent(&m.recipient),
-            )
-            .await?;
+            );
         }
     }
     tx.commit(&state.broker).await?;

@@ -130,3 +130,50 @@ async fn checkpoints_survive_kill_9() {
     let again: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
     assert_eq!(again["source"], "cache");
 }
+
+// The state must be a JSON object; it is stored and restored as the very text that was sent.
+both_brokers!(state_is_an_object_kept_as_sent, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    for state in [json!([1, 2]), json!("s"), json!(null), json!(3)] {
+        let (status, problem) = app
+            .post(
+                "/v1/checkpoints",
+                json!({"coordination_id": "c", "state": state, "status": "s"}),
+            )
+            .await;
+        assert_eq!(status, 422, "{state}: {problem}");
+        assert_eq!(problem["errors"][0]["field"], "state");
+    }
+    assert_eq!(
+        app.get("/v1/checkpoints?coordination_id=c").await.1["items"],
+        json!([])
+    );
+    let body = r#"{"coordination_id": "c", "status": "s", "state": {"b": 1, "a": [ 2.50, "é" ]}}"#;
+    let saved = app
+        .client
+        .post(format!("http://{}/v1/checkpoints", app.addr))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saved.status(), 201);
+    let id = saved.json::<Value>().await.unwrap()["checkpoint_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let restored = app
+        .client
+        .get(format!("http://{}/v1/checkpoints/{id}", app.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        restored.contains(r#""state":{"b": 1, "a": [ 2.50, "é" ]}"#),
+        "{restored}"
+    );
+    app.stop().await;
+});

@@ -465,13 +465,10 @@ async fn redis_restart_loses_nothing_and_the_service_recovers_by_itself() {
 both_brokers!(an_abandoned_write_is_rolled_back, |kind| async move {
     let app = TestApp::spawn(kind).await;
     let mut tx = app.state.store.begin().await.unwrap();
-    tx.emit(ltmc::events::NewEvent::new(
-        "agents",
-        "test.abandoned",
-        serde_json::json!({}),
-    ))
-    .await
-    .unwrap();
+    let event = ltmc::events::NewEvent::new("agents", "test.abandoned", serde_json::json!({}));
+    ltmc::events::db::append(tx.conn(), &[(ltmc::common::now_ms(), event)])
+        .await
+        .unwrap();
     drop(tx);
     let id = app.send("w", "b", serde_json::json!("after"), 0).await;
     let claimed = app.claim("w", serde_json::json!({})).await;

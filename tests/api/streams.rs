@@ -11,7 +11,7 @@ use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
 use crate::both_brokers;
-use crate::harness::{Kind, Next, Options, TestApp, Ws};
+use crate::harness::{Kind, Next, Options, TestApp, Ws, db_path};
 
 /// The `message_id` of a notification (agent-stream or firehose frame).
 fn message_id(frame: &Value) -> &str {
@@ -273,9 +273,7 @@ both_brokers!(
         // 1000 newer events: the log always keeps the newest 1000, so m1 and m2 may go.
         let mut tx = app.state.store.begin().await.unwrap();
         for i in 0..1000 {
-            tx.emit(NewEvent::new("agents", "test.filler", json!({"i": i})))
-                .await
-                .unwrap();
+            tx.emit(NewEvent::new("agents", "test.filler", json!({"i": i})));
         }
         tx.commit(&app.state.broker).await.unwrap();
         // Young events are kept whatever their number …
@@ -437,9 +435,7 @@ both_brokers!(
             tx.emit(
                 NewEvent::new("messages", "test.bulk", json!({"padding": padding}))
                     .to_agent("flood"),
-            )
-            .await
-            .unwrap();
+            );
             tx.commit(&app.state.broker).await.unwrap();
             emitted += 1;
             tokio::task::yield_now().await;
@@ -493,26 +489,27 @@ async fn streams_span_instances_sharing_redis() {
     a.stop().await;
 }
 
-/// Commits a notification for `agent` without publishing it (the test publishes it, or not).
+/// Commits a notification for `agent` without publishing it (the test publishes it, or not), as
+/// another writer of the same database would: on a connection of its own.
 async fn commit_unpublished(app: &TestApp, agent: &str, message_id: &str) -> Event {
-    let mut tx = app.state.store.begin().await.unwrap();
+    use sqlx::Connection as _;
+    let url = format!("sqlite://{}", db_path(&app.dir).display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
     let event = NewEvent::new(
         "messages",
         "test.unpublished",
         json!({ "message_id": message_id }),
     );
-    // Straight into the log, past `Writer::emit`: the commit has nothing to publish.
-    ltmc::events::db::append(tx.conn(), event.to_agent(agent))
+    ltmc::events::db::append(&mut conn, &[(now_ms(), event.to_agent(agent))])
         .await
         .unwrap();
-    tx.commit(&app.state.broker).await.unwrap();
+    conn.close().await.unwrap();
     let logged = ltmc::events::db::after_for_agent(app.state.store.reader(), agent, 0, 100_000)
         .await
         .unwrap();
     logged.into_iter().last().unwrap()
 }
 
-// Pub/sub is not the truth: with several instances each publishes its own commits, so events
 // can arrive out of `seq` order, and a publication can be lost (Redis busy or down). A stream
 // still gets every event, once, in order (from the log).
 both_brokers!(
