@@ -229,6 +229,7 @@ pub fn router(state: AppState) -> Router {
                 status: 405,
                 detail: "this endpoint does not take that method".into(),
                 errors: Vec::new(),
+                conflicts: None,
             })
         })
         .layer(DefaultBodyLimit::max(

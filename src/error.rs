@@ -27,6 +27,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A 409 that carries what conflicted (answered as the problem's `conflicts` member).
+    #[error("{0}")]
+    ConflictWith(String, serde_json::Value),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -64,6 +67,11 @@ pub struct Problem {
     pub detail: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// On some 409s: what conflicted (e.g. a sync refused under `fail_on_conflict`: the
+    /// conflicting keys with each agent's value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<crate::contexts::Conflict>>)]
+    pub conflicts: Option<serde_json::Value>,
 }
 
 impl Error {
@@ -82,7 +90,7 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Conflict(_) | Error::ConflictWith(..) => StatusCode::CONFLICT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -101,7 +109,7 @@ impl Error {
             Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
             Error::NotFound(_) => "not-found",
-            Error::Conflict(_) => "conflict",
+            Error::Conflict(_) | Error::ConflictWith(..) => "conflict",
             Error::PayloadTooLarge(_) => "payload-too-large",
             Error::UnsupportedMediaType(_) => "unsupported-media-type",
             Error::TooManyRequests(_) => "too-many-requests",
@@ -134,6 +142,10 @@ impl Error {
             errors: match self {
                 Error::Validation(errors) => errors.clone(),
                 _ => Vec::new(),
+            },
+            conflicts: match self {
+                Error::ConflictWith(_, conflicts) => Some(conflicts.clone()),
+                _ => None,
             },
         }
     }

@@ -172,7 +172,8 @@ pub async fn update(
 ) -> Result<Context> {
     validate_agent_id("agent_id", agent_id)?;
     let mut tx = state.store.begin().await?;
-    let (mut values, version, _) = db::get(tx.conn(), agent_id).await?;
+    let (current, version, updated_at) = db::get(tx.conn(), agent_id).await?;
+    let mut values = current.clone();
     if let Some(expected) = if_match
         && expected != version
     {
@@ -190,6 +191,15 @@ pub async fn update(
         }
     } else {
         values = body.values;
+    }
+    if version > 0 && values == current {
+        // Nothing changes: no new version, no notification.
+        return Ok(Context {
+            agent_id: agent_id.to_owned(),
+            values,
+            version,
+            updated_at: updated_at.map(rfc3339),
+        });
     }
     let context = write(
         &mut tx,
@@ -244,10 +254,10 @@ pub async fn sync(state: &AppState, new: NewSync) -> Result<SyncResult> {
     );
     if new.strategy == Strategy::FailOnConflict && !conflicts.is_empty() {
         let keys: Vec<&str> = conflicts.iter().map(|c| c.key.as_str()).collect();
-        return Err(Error::Conflict(format!(
-            "conflicting keys, nothing written: {}",
-            keys.join(", ")
-        )));
+        return Err(Error::ConflictWith(
+            format!("conflicting keys, nothing written: {}", keys.join(", ")),
+            json!(conflicts),
+        ));
     }
     // Merge: the oldest context first, so newer writers overwrite; the preferred agent last.
     let mut order: Vec<usize> = (0..contexts.len()).collect();
@@ -257,8 +267,12 @@ pub async fn sync(state: &AppState, new: NewSync) -> Result<SyncResult> {
         merged.extend(contexts[i].1.clone());
     }
     let sync_id = new_id("sync");
-    for (agent, _, version, _) in &contexts {
-        write(&mut tx, agent, &merged, *version, &sync_id).await?;
+    // An agent that already holds the merged context keeps its version (no needless 409 for a
+    // writer that read it).
+    for (agent, values, version, _) in &contexts {
+        if *values != merged {
+            write(&mut tx, agent, &merged, *version, &sync_id).await?;
+        }
     }
     memory::store_memory(
         &mut tx,

@@ -3,7 +3,8 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
 use super::{Context, ContextWrite, NewSync, SyncResult};
@@ -20,38 +21,48 @@ pub fn router() -> Router<AppState> {
         .route("/v1/syncs", post(sync))
 }
 
-/// `If-Match: <version>` (quotes allowed, as for an ETag).
+/// `If-Match: <version>` (quoted as the `ETag` is, or not); `*` (any version) checks nothing,
+/// as the context always exists (version 0 before the first write).
 fn if_match(headers: &HeaderMap) -> Result<Option<i64>> {
-    let Some(value) = headers.get("if-match") else {
+    let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
+    let value = value.to_str().map(str::trim).unwrap_or_default();
+    if value == "*" {
+        return Ok(None);
+    }
     value
-        .to_str()
-        .ok()
-        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
-        .and_then(|v| v.parse().ok())
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
         .map(Some)
-        .ok_or_else(|| Error::invalid("If-Match", "must be the context version, e.g. If-Match: 3"))
+        .map_err(|_| Error::invalid("If-Match", "must be the context version, e.g. If-Match: 3"))
+}
+
+/// A context with its version as the `ETag` (`"3"`), for the next `If-Match`.
+fn tagged(context: Context) -> impl IntoResponse {
+    let etag = format!("\"{}\"", context.version);
+    ([(header::ETAG, etag)], Json(context))
 }
 
 /// An agent's context (`version` 0 and no values until the first write).
 #[utoipa::path(get, path = "/v1/agents/{agent_id}/context", tag = "contexts",
     params(("agent_id" = String, Path)),
-    responses((status = 200, body = Context), (status = 403, body = Problem)))]
+    responses((status = 200, body = Context, headers(("ETag" = String, description = "The version, quoted"))), (status = 403, body = Problem)))]
 pub async fn get_context(
     State(state): State<AppState>,
     who: Principal,
     Path(agent_id): Path<String>,
-) -> Result<Json<Context>> {
+) -> Result<impl IntoResponse> {
     who.require_read_of(&agent_id)?;
-    Ok(Json(super::get(&state, &agent_id).await?))
+    Ok(tagged(super::get(&state, &agent_id).await?))
 }
 
 /// Replace an agent's context; with `If-Match: <version>`, 409 when it changed since.
 #[utoipa::path(put, path = "/v1/agents/{agent_id}/context", tag = "contexts",
-    params(("agent_id" = String, Path), ("If-Match" = Option<i64>, Header, description = "The version read")),
+    params(("agent_id" = String, Path), ("If-Match" = Option<String>, Header, description = "The version read (the `ETag`), or `*`")),
     request_body = ContextWrite,
-    responses((status = 200, body = Context), (status = 403, body = Problem), (status = 409, body = Problem),
+    responses((status = 200, body = Context, headers(("ETag" = String, description = "The version, quoted"))), (status = 403, body = Problem), (status = 409, body = Problem),
               (status = 413, body = Problem)))]
 pub async fn replace(
     State(state): State<AppState>,
@@ -59,18 +70,19 @@ pub async fn replace(
     Path(agent_id): Path<String>,
     headers: HeaderMap,
     Json(body): Json<ContextWrite>,
-) -> Result<Json<Context>> {
+) -> Result<impl IntoResponse> {
     who.require_agent(&agent_id)?;
-    Ok(Json(
-        super::update(&state, &agent_id, body, false, if_match(&headers)?).await?,
+    let if_match = if_match(&headers)?;
+    Ok(tagged(
+        super::update(&state, &agent_id, body, false, if_match).await?,
     ))
 }
 
 /// Merge into an agent's context (a null value removes the key); `If-Match` as for PUT.
 #[utoipa::path(patch, path = "/v1/agents/{agent_id}/context", tag = "contexts",
-    params(("agent_id" = String, Path), ("If-Match" = Option<i64>, Header, description = "The version read")),
+    params(("agent_id" = String, Path), ("If-Match" = Option<String>, Header, description = "The version read (the `ETag`), or `*`")),
     request_body = ContextWrite,
-    responses((status = 200, body = Context), (status = 403, body = Problem), (status = 409, body = Problem),
+    responses((status = 200, body = Context, headers(("ETag" = String, description = "The version, quoted"))), (status = 403, body = Problem), (status = 409, body = Problem),
               (status = 413, body = Problem)))]
 pub async fn merge(
     State(state): State<AppState>,
@@ -78,10 +90,11 @@ pub async fn merge(
     Path(agent_id): Path<String>,
     headers: HeaderMap,
     Json(body): Json<ContextWrite>,
-) -> Result<Json<Context>> {
+) -> Result<impl IntoResponse> {
     who.require_agent(&agent_id)?;
-    Ok(Json(
-        super::update(&state, &agent_id, body, true, if_match(&headers)?).await?,
+    let if_match = if_match(&headers)?;
+    Ok(tagged(
+        super::update(&state, &agent_id, body, true, if_match).await?,
     ))
 }
 

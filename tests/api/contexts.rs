@@ -49,10 +49,39 @@ both_brokers!(versions_and_if_match, |kind| async move {
     assert_eq!(status, 200);
     assert_eq!(patched["values"], json!({"lang": "rust", "style": "fmt"}));
     assert_eq!(patched["version"], 2);
+    // The version is also the ETag, and If-Match takes it back quoted; `*` matches any version.
+    let response = app
+        .client
+        .get(app.url("/v1/agents/coder/context"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["etag"], "\"2\"");
     let (status, _) = put_context(&app, "coder", json!({}), Some("\"2\"")).await;
     assert_eq!(status, 200, "a quoted ETag-style version is accepted");
+    let (status, cleared) = put_context(&app, "coder", json!({"k": 1}), Some("*")).await;
+    assert_eq!(status, 200);
+    assert_eq!(cleared["version"], 4);
     let (status, _) = put_context(&app, "coder", json!({}), Some("banana")).await;
     assert_eq!(status, 422);
+    // A write that changes nothing keeps the version (and notifies no one).
+    let (status, same) = put_context(&app, "coder", json!({"k": 1}), Some("4")).await;
+    assert_eq!((status, same["version"].clone()), (200, json!(4)));
+    let (_, same) = app
+        .request(
+            Method::PATCH,
+            "/v1/agents/coder/context",
+            Some(json!({"values": {}})),
+        )
+        .await;
+    assert_eq!(same["version"], 4);
+    for version in 2..=4 {
+        assert_eq!(stream.frame().await["version"], version);
+    }
+    assert!(matches!(
+        stream.next(std::time::Duration::from_millis(200)).await,
+        crate::harness::Next::Timeout
+    ));
     app.stop().await;
 });
 
@@ -89,6 +118,10 @@ both_brokers!(each_sync_strategy_with_a_real_conflict, |kind| async move {
     assert_eq!(status, 409, "{problem}");
     assert!(problem["detail"].as_str().unwrap().contains("shared"));
     assert_eq!(
+        problem["conflicts"],
+        json!([{"key": "shared", "values": {"a": "from-a", "b": "from-b"}}])
+    );
+    assert_eq!(
         app.get("/v1/agents/a/context").await.1["values"]["shared"],
         "from-a"
     );
@@ -110,6 +143,15 @@ both_brokers!(each_sync_strategy_with_a_real_conflict, |kind| async move {
         let (_, context) = app.get(&format!("/v1/agents/{agent}/context")).await;
         assert_eq!(context["values"], result["merged"]);
         assert_eq!(context["version"], 2, "bumped");
+    }
+    // Synced again: nothing to change, so no version moves.
+    let (status, again) = app.post("/v1/syncs", json!({"agents": ["a", "b"]})).await;
+    assert_eq!((status, again["conflicts"].clone()), (201, json!([])));
+    for agent in ["a", "b"] {
+        assert_eq!(
+            app.get(&format!("/v1/agents/{agent}/context")).await.1["version"],
+            2
+        );
     }
 
     // prefer_agent: a wins although b wrote last.
@@ -133,7 +175,7 @@ both_brokers!(each_sync_strategy_with_a_real_conflict, |kind| async move {
             .as_array()
             .unwrap()
             .len(),
-        2
+        3
     );
 
     // Bad requests.
