@@ -30,7 +30,7 @@ use crate::events::stream::StreamSlots;
 use crate::store::Store;
 use crate::{
     agents, background, checkpoints, contexts, coordinations, events, handoffs, memory, messages,
-    ops, sessions,
+    ops, sessions, workflows,
 };
 
 /// What every handler and loop shares; cheap to clone.
@@ -220,6 +220,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sessions::routes::router())
         .merge(contexts::routes::router())
         .merge(coordinations::routes::router())
+        .merge(workflows::routes::router())
         .merge(ops::router())
         .fallback(|| async { Error::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {

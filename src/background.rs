@@ -1,13 +1,15 @@
 //! The background loop: a thin timer around step functions that tests call directly.
-//! Each tick reaps expired leases, checkpoints the WAL, expires handoff offers, idle sessions, overdue coordination rounds and silent agents; about once a minute it also prunes
-//! the event log, acked messages and idempotency answers. Every step is a compare-and-set in the
+//! Each tick reaps expired leases, checkpoints the WAL, expires handoff offers, idle sessions and
+//! overdue coordination rounds, moves workflow steps whose time has come (attempt timeouts,
+//! retries, steps waiting for an agent) and marks silent agents offline; about once a minute it
+//! also prunes the event log, acked messages, idempotency answers and old workflow events. Every step is a compare-and-set in the
 //! store or an atomic take in the broker, so with several instances each change happens once.
 
 use std::time::{Duration, Instant};
 
 use crate::app::AppState;
 use crate::common::now_ms;
-use crate::{agents, coordinations, events, handoffs, messages, sessions};
+use crate::{agents, coordinations, events, handoffs, messages, sessions, workflows};
 
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 
@@ -62,6 +64,11 @@ pub async fn tick(state: &AppState, now: i64) {
         Ok(n) => tracing::info!(timed_out = n, "coordination rounds timed out"),
         Err(e) => tracing::warn!(error = %e, "coordination deadlines failed"),
     }
+    match workflows::tick(state, now).await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(moved = n, "workflow steps moved by the timer"),
+        Err(e) => tracing::warn!(error = %e, "workflow timers failed"),
+    }
     match agents::expire_tick(state, now).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(expired = n, "agents went offline"),
@@ -76,5 +83,8 @@ pub async fn housekeeping(state: &AppState, now: i64) {
     }
     if let Err(e) = messages::prune_tick(state, now).await {
         tracing::warn!(error = %e, "message pruning failed");
+    }
+    if let Err(e) = workflows::prune_tick(state, now).await {
+        tracing::warn!(error = %e, "trigger event pruning failed");
     }
 }

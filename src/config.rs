@@ -119,6 +119,11 @@ pub struct Limits {
           value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
     pub max_handoff_hops: u32,
 
+    /// Most steps in one workflow definition (more: 422).
+    #[arg(long, env = "LTMC_MAX_WORKFLOW_STEPS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    pub max_workflow_steps: u32,
+
     /// Checkpoints kept per coordination (the newest; older ones are deleted as new ones come).
     #[arg(long, env = "LTMC_CHECKPOINT_RETENTION", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]

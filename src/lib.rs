@@ -2,14 +2,15 @@
 //!
 //! Agents register and heartbeat ([`agents`]), send each other durable prioritised messages and
 //! claim → ack them under leases ([`messages`]), and watch their notifications live over
-//! WebSocket ([`events`]). The SQL [`store`] is the truth; the [`broker`] (in-process or Redis)
+//! WebSocket ([`events`]); they pass work on with [`handoffs`] and run [`workflows`]. The SQL
+//! [`store`] is the truth; the [`broker`] (in-process or Redis)
 //! is the real-time layer. Start reading at [`app`].
 
 pub mod agents; // registry: records in SQL, presence in the broker
 pub mod app; // AppState, router, run(listener, shutdown)
 pub mod auth; // tokens and who may do what
 pub mod background; // the reaper / expiry / pruning loop as step functions
-pub mod broker; // enum Broker { Memory, Redis }: presence, pub/sub
+pub mod broker; // enum Broker { Memory, Redis }: presence, pub/sub, hot copies
 pub mod checkpoints; // coordination state saved and restored (cache fast path, store truth)
 pub mod common; // ids, timestamps, pages
 pub mod config; // flags + LTMC_* environment
@@ -24,3 +25,4 @@ pub mod openapi; // the OpenAPI document
 pub mod ops; // healthz, readyz, openapi.json
 pub mod sessions; // units of work with an activity log, expiring when idle
 pub mod store; // SQLite store, ordered writer
+pub mod workflows; // multi-agent workflows: four patterns, retries, timeouts, restarts

@@ -5,7 +5,7 @@ use utoipa::OpenApi;
 
 use crate::{
     agents, checkpoints, common, contexts, coordinations, error, events, handoffs, memory,
-    messages, ops, sessions,
+    messages, ops, sessions, workflows,
 };
 
 #[derive(OpenApi)]
@@ -33,10 +33,13 @@ WebSocket streams also take the subprotocol `bearer.<token>`.",
         sessions::routes::record, sessions::routes::activities, sessions::routes::end,
         contexts::routes::get_context, contexts::routes::replace, contexts::routes::merge, contexts::routes::sync,
         coordinations::routes::start, coordinations::routes::respond, coordinations::routes::get_round,
+        workflows::routes::submit, workflows::routes::list, workflows::routes::get_workflow,
+        workflows::routes::result, workflows::routes::cancel, workflows::routes::post_event,
         ops::healthz, ops::readyz, ops::openapi,
     ),
     components(schemas(error::Problem, error::FieldError, common::Page<agents::Agent>, common::Page<messages::Message>,
-        common::Page<memory::Memory>, common::Page<handoffs::Handoff>, common::Page<checkpoints::Checkpoint>, common::Page<sessions::Session>, common::Page<memory::Edge>, common::Page<memory::Pattern>)),
+        common::Page<memory::Memory>, common::Page<handoffs::Handoff>, common::Page<checkpoints::Checkpoint>, common::Page<sessions::Session>, common::Page<memory::Edge>, common::Page<memory::Pattern>,
+        common::Page<workflows::Workflow>)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

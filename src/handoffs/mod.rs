@@ -258,35 +258,13 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
             ));
         }
     }
-    let memory = memory::store_memory(
+    let memory_ref = remember(
         &mut tx,
-        NewMemory {
-            content: format!("Agent handoff: {} → {}", new.from_agent, new.to_agent),
-            tags: vec![
-                "handoff".into(),
-                "coordination".into(),
-                new.from_agent.clone(),
-                new.to_agent.clone(),
-            ],
-            metadata: Map::from_iter([
-                ("handoff_id".to_owned(), json!(handoff_id)),
-                ("reason".to_owned(), json!(new.reason)),
-                ("context_digest".to_owned(), json!(context_digest)),
-            ]),
-        },
-    )
-    .await?;
-    memory::link(
-        &mut tx,
-        NewEdge {
-            source: format!("agent:{}", new.from_agent),
-            target: format!("agent:{}", new.to_agent),
-            relationship: "hands_off_to".into(),
-            properties: Map::from_iter([
-                ("handoff_id".to_owned(), json!(handoff_id)),
-                ("memory_ref".to_owned(), json!(memory.memory_id)),
-            ]),
-        },
+        &handoff_id,
+        &new.from_agent,
+        &new.to_agent,
+        new.reason.as_deref(),
+        &context_digest,
     )
     .await?;
     let handoff = HandoffRow {
@@ -299,7 +277,7 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
         reason: new.reason,
         session_id: new.session_id,
         workflow_id: new.workflow_id,
-        memory_ref: memory.memory_id,
+        memory_ref,
         result: None,
         created_at: now,
         expires_at: now + i64::from(new.accept_timeout_s) * 1000,
@@ -311,6 +289,107 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
     tx.emit(event("handoff.offered", &handoff, &handoff.to_agent));
     tx.commit(&state.broker).await?;
     Ok(handoff.into())
+}
+
+/// Writes what every handoff leaves behind: a memory of it (its id is the handoff's
+/// `memory_ref`) and the graph edge `agent:{from} —hands_off_to→ agent:{to}`.
+async fn remember(
+    tx: &mut Writer,
+    handoff_id: &str,
+    from: &str,
+    to: &str,
+    reason: Option<&str>,
+    context_digest: &str,
+) -> Result<String> {
+    let memory = memory::store_memory(
+        tx,
+        NewMemory {
+            content: format!("Agent handoff: {from} → {to}"),
+            tags: vec![
+                "handoff".into(),
+                "coordination".into(),
+                from.to_owned(),
+                to.to_owned(),
+            ],
+            metadata: Map::from_iter([
+                ("handoff_id".to_owned(), json!(handoff_id)),
+                ("reason".to_owned(), json!(reason)),
+                ("context_digest".to_owned(), json!(context_digest)),
+            ]),
+        },
+    )
+    .await?;
+    memory::link(
+        tx,
+        NewEdge {
+            source: format!("agent:{from}"),
+            target: format!("agent:{to}"),
+            relationship: "hands_off_to".into(),
+            properties: Map::from_iter([
+                ("handoff_id".to_owned(), json!(handoff_id)),
+                ("memory_ref".to_owned(), json!(memory.memory_id)),
+            ]),
+        },
+    )
+    .await?;
+    Ok(memory.memory_id)
+}
+
+/// Records the handoff between two consecutive steps of a sequential workflow, inside the
+/// engine's transaction: already `accepted` (the engine hands the step over itself, so there is
+/// no offer to wait for), with the previous step's output as its context; it becomes `completed`
+/// or `failed` with the receiving step ([`settle_step_handoff`]). The hop budget does not apply:
+/// the workflow's definition bounds the chain. Returns its id.
+pub async fn record_step_handoff(
+    tx: &mut Writer,
+    from: &str,
+    to: &str,
+    context: Value,
+    workflow_id: &str,
+    reason: &str,
+    now: i64,
+) -> Result<String> {
+    let handoff_id = new_id("hof");
+    let context_digest = digest(&context);
+    let memory_ref = remember(tx, &handoff_id, from, to, Some(reason), &context_digest).await?;
+    let handoff = HandoffRow {
+        handoff_id,
+        from_agent: from.to_owned(),
+        to_agent: to.to_owned(),
+        status: "accepted".into(),
+        context,
+        context_digest,
+        reason: Some(reason.to_owned()),
+        session_id: None,
+        workflow_id: Some(workflow_id.to_owned()),
+        memory_ref,
+        result: None,
+        created_at: now,
+        expires_at: now,
+        accepted_at: Some(now),
+        completed_at: None,
+    };
+    db::insert(tx.conn(), &handoff).await?;
+    tx.emit(event("handoff.accepted", &handoff, to));
+    Ok(handoff.handoff_id)
+}
+
+/// Settles a step handoff when its receiving step ends: `completed` or `failed`. A handoff that
+/// already left `accepted` is left as it is.
+pub async fn settle_step_handoff(tx: &mut Writer, handoff_id: &str, success: bool) -> Result<()> {
+    let Some(h) = db::get(tx.conn(), handoff_id).await? else {
+        return Ok(());
+    };
+    let (to, kind) = if success {
+        ("completed", "handoff.completed")
+    } else {
+        ("failed", "handoff.failed")
+    };
+    let from = h.from_agent.clone();
+    match move_to(tx, h, "accepted", to, kind, &from, None).await {
+        Ok(_) | Err(Error::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Queues the `handoff.offered` message for the addressee (429 when its queue is full).

@@ -144,6 +144,25 @@ pub async fn insert_edge(conn: &mut SqliteConnection, e: &EdgeRow) -> Result<()>
     Ok(())
 }
 
+/// Inserts edges, 1000 rows a statement.
+pub async fn insert_edges(conn: &mut SqliteConnection, edges: &[EdgeRow]) -> Result<()> {
+    for chunk in edges.chunks(1000) {
+        let mut insert = sqlx::QueryBuilder::new(
+            "INSERT INTO graph_edge (edge_id, source, target, relationship, properties, created_at) ",
+        );
+        insert.push_values(chunk, |mut row, e| {
+            row.push_bind(&e.edge_id)
+                .push_bind(&e.source)
+                .push_bind(&e.target)
+                .push_bind(&e.relationship)
+                .push_bind(e.properties.to_string())
+                .push_bind(e.created_at);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Edges before `before`, newest first, from or to `node` and of `relationship` when given.
 pub async fn list_edges(
     pool: &SqlitePool,

@@ -270,6 +270,36 @@ pub async fn link(tx: &mut Writer, new: NewEdge) -> Result<Edge> {
     Ok(edge.into())
 }
 
+/// Adds many graph edges in the caller's transaction, in one statement per thousand (the
+/// service's own records, e.g. a workflow's `precedes` edges).
+pub async fn link_many(tx: &mut Writer, new: Vec<NewEdge>) -> Result<()> {
+    let now = now_ms();
+    let mut edges = Vec::with_capacity(new.len());
+    for edge in new {
+        validate_text("source", &edge.source, 256)?;
+        validate_text("target", &edge.target, 256)?;
+        validate_text("relationship", &edge.relationship, 128)?;
+        edges.push(db::EdgeRow {
+            edge_id: new_id("edg"),
+            source: edge.source,
+            target: edge.target,
+            relationship: edge.relationship,
+            properties: Value::Object(edge.properties),
+            created_at: now,
+        });
+    }
+    db::insert_edges(tx.conn(), &edges).await?;
+    for edge in &edges {
+        tx.emit(NewEvent::new(
+            "memory",
+            "graph.linked",
+            json!({"edge_id": edge.edge_id, "source": edge.source, "target": edge.target,
+                   "relationship": edge.relationship}),
+        ));
+    }
+    Ok(())
+}
+
 /// Records a pattern in the caller's transaction.
 pub async fn record_pattern(tx: &mut Writer, new: NewPattern) -> Result<Pattern> {
     validate_text("pattern_type", &new.pattern_type, 128)?;

@@ -16,3 +16,4 @@ mod messages;
 mod openapi;
 mod sessions;
 mod streams;
+mod workflows;

@@ -1,0 +1,623 @@
+//! The workflows' SQL. Every step transition is a compare-and-set on the step's `status` (and,
+//! for an attempt, on `attempts`), so a result, a timeout and another instance's timer cannot
+//! both win; the run's barrier (`steps_done`) moves in the same transaction.
+
+use serde_json::value::RawValue;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
+
+use crate::error::{Error, Result};
+
+/// A run as stored.
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    pub seq: i64,
+    pub workflow_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub pattern: String,
+    pub metadata: String,
+    pub status: String,
+    pub steps_total: i64,
+    pub steps_done: i64,
+    pub steps_failed: i64,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// A step as stored.
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    pub workflow_id: String,
+    pub idx: i64,
+    pub step_id: String,
+    pub name: Option<String>,
+    pub agent: Option<String>,
+    pub capability: Option<String>,
+    pub input: String,
+    /// Indexes of the steps this one depends on (JSON array).
+    pub depends_on: String,
+    /// Indexes of the steps that depend on this one (JSON array).
+    pub dependants: String,
+    pub trigger_name: Option<String>,
+    pub timeout_ms: i64,
+    pub max_retries: i64,
+    pub deps_left: i64,
+    pub status: String,
+    pub agent_id: Option<String>,
+    pub attempts: i64,
+    pub due_at: Option<i64>,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub handoff_id: Option<String>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+impl StepRow {
+    pub fn indexes(json: &str) -> Result<Vec<i64>> {
+        serde_json::from_str(json).map_err(|e| Error::Internal(format!("step indexes: {e}")))
+    }
+
+    pub fn output_raw(&self) -> Result<Option<Box<RawValue>>> {
+        self.output
+            .clone()
+            .map(RawValue::from_string)
+            .transpose()
+            .map_err(|e| Error::Internal(format!("step output: {e}")))
+    }
+}
+
+const RUN_COLUMNS: &str = "seq, workflow_id, name, description, pattern, metadata, status,
+    steps_total, steps_done, steps_failed, created_at, finished_at";
+
+const STEP_COLUMNS: &str = "workflow_id, idx, step_id, name, agent, capability, input, depends_on,
+    dependants, trigger_name, timeout_ms, max_retries, deps_left, status, agent_id, attempts,
+    due_at, output, error, handoff_id, started_at, finished_at";
+
+fn run_from_row(row: &SqliteRow) -> Result<RunRow> {
+    Ok(RunRow {
+        seq: row.try_get("seq")?,
+        workflow_id: row.try_get("workflow_id")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        pattern: row.try_get("pattern")?,
+        metadata: row.try_get("metadata")?,
+        status: row.try_get("status")?,
+        steps_total: row.try_get("steps_total")?,
+        steps_done: row.try_get("steps_done")?,
+        steps_failed: row.try_get("steps_failed")?,
+        created_at: row.try_get("created_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn step_from_row(row: &SqliteRow) -> Result<StepRow> {
+    Ok(StepRow {
+        workflow_id: row.try_get("workflow_id")?,
+        idx: row.try_get("idx")?,
+        step_id: row.try_get("step_id")?,
+        name: row.try_get("name")?,
+        agent: row.try_get("agent")?,
+        capability: row.try_get("capability")?,
+        input: row.try_get("input")?,
+        depends_on: row.try_get("depends_on")?,
+        dependants: row.try_get("dependants")?,
+        trigger_name: row.try_get("trigger_name")?,
+        timeout_ms: row.try_get("timeout_ms")?,
+        max_retries: row.try_get("max_retries")?,
+        deps_left: row.try_get("deps_left")?,
+        status: row.try_get("status")?,
+        agent_id: row.try_get("agent_id")?,
+        attempts: row.try_get("attempts")?,
+        due_at: row.try_get("due_at")?,
+        output: row.try_get("output")?,
+        error: row.try_get("error")?,
+        handoff_id: row.try_get("handoff_id")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+pub async fn insert_run(conn: &mut SqliteConnection, run: &RunRow) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO workflow (workflow_id, name, description, pattern, metadata, status,
+                               steps_total, created_at)
+         VALUES (?, ?, ?, ?, ?, 'executing', ?, ?)",
+    )
+    .bind(&run.workflow_id)
+    .bind(&run.name)
+    .bind(&run.description)
+    .bind(&run.pattern)
+    .bind(&run.metadata)
+    .bind(run.steps_total)
+    .bind(run.created_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Inserts a run's steps, 500 rows a statement (14 variables a row, inside SQLite's limit).
+pub async fn insert_steps(conn: &mut SqliteConnection, steps: &[StepRow]) -> Result<()> {
+    for chunk in steps.chunks(500) {
+        let mut insert = QueryBuilder::new(
+            "INSERT INTO workflow_step (workflow_id, idx, step_id, name, agent, capability, input,
+                 depends_on, dependants, trigger_name, timeout_ms, max_retries, deps_left, status) ",
+        );
+        insert.push_values(chunk, |mut row, s| {
+            row.push_bind(&s.workflow_id)
+                .push_bind(s.idx)
+                .push_bind(&s.step_id)
+                .push_bind(&s.name)
+                .push_bind(&s.agent)
+                .push_bind(&s.capability)
+                .push_bind(&s.input)
+                .push_bind(&s.depends_on)
+                .push_bind(&s.dependants)
+                .push_bind(&s.trigger_name)
+                .push_bind(s.timeout_ms)
+                .push_bind(s.max_retries)
+                .push_bind(s.deps_left)
+                .push_bind(&s.status);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+pub async fn get_run(
+    conn: impl sqlx::SqliteExecutor<'_>,
+    workflow_id: &str,
+) -> Result<Option<RunRow>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM workflow WHERE workflow_id = ?");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(run_from_row).transpose()
+}
+
+/// Runs before `before` (a seq), newest first, optionally with one status.
+pub async fn list_runs(
+    pool: &SqlitePool,
+    status: Option<&str>,
+    before: i64,
+    limit: u32,
+) -> Result<Vec<RunRow>> {
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM workflow WHERE seq < ? AND (? IS NULL OR status = ?)
+         ORDER BY seq DESC LIMIT ?"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(before)
+        .bind(status)
+        .bind(status)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(run_from_row).collect()
+}
+
+/// Every step of a run, in definition order.
+pub async fn steps(conn: impl sqlx::SqliteExecutor<'_>, workflow_id: &str) -> Result<Vec<StepRow>> {
+    let sql =
+        format!("SELECT {STEP_COLUMNS} FROM workflow_step WHERE workflow_id = ? ORDER BY idx");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(step_from_row).collect()
+}
+
+pub async fn step_by_idx(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idx: i64,
+) -> Result<Option<StepRow>> {
+    let sql = format!("SELECT {STEP_COLUMNS} FROM workflow_step WHERE workflow_id = ? AND idx = ?");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .bind(idx)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(step_from_row).transpose()
+}
+
+pub async fn step_by_id(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    step_id: &str,
+) -> Result<Option<StepRow>> {
+    let sql =
+        format!("SELECT {STEP_COLUMNS} FROM workflow_step WHERE workflow_id = ? AND step_id = ?");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .bind(step_id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(step_from_row).transpose()
+}
+
+/// The steps of a run at the given indexes that are still in `status`.
+pub async fn steps_in(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idxs: &[i64],
+    status: &str,
+) -> Result<Vec<StepRow>> {
+    let mut out = Vec::with_capacity(idxs.len());
+    for chunk in idxs.chunks(500) {
+        let mut query = QueryBuilder::new(format!(
+            "SELECT {STEP_COLUMNS} FROM workflow_step WHERE status = "
+        ));
+        query
+            .push_bind(status)
+            .push(" AND workflow_id = ")
+            .push_bind(workflow_id)
+            .push(" AND idx IN (");
+        let mut list = query.separated(", ");
+        for idx in chunk {
+            list.push_bind(idx);
+        }
+        query.push(") ORDER BY idx");
+        let rows = query.build().fetch_all(&mut *conn).await?;
+        for row in &rows {
+            out.push(step_from_row(row)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `(step_id, output)` of the succeeded steps among `idxs` (None: every earlier step than
+/// `before`), in definition order.
+pub async fn outputs(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idxs: &[i64],
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::with_capacity(idxs.len());
+    for chunk in idxs.chunks(500) {
+        let mut query = QueryBuilder::new(
+            "SELECT step_id, output FROM workflow_step WHERE status = 'succeeded'
+             AND workflow_id = ",
+        );
+        query.push_bind(workflow_id).push(" AND idx IN (");
+        let mut list = query.separated(", ");
+        for idx in chunk {
+            list.push_bind(idx);
+        }
+        query.push(") ORDER BY idx");
+        let rows: Vec<(String, Option<String>)> =
+            query.build_query_as().fetch_all(&mut *conn).await?;
+        out.extend(
+            rows.into_iter()
+                .map(|(id, output)| (id, output.unwrap_or_else(|| "null".into()))),
+        );
+    }
+    Ok(out)
+}
+
+/// Puts an attempt out: `from` → `dispatched` with the attempt number, holder and deadline.
+pub async fn dispatch(
+    conn: &mut SqliteConnection,
+    step: &StepRow,
+    agent_id: &str,
+    handoff_id: Option<&str>,
+    now: i64,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE workflow_step SET status = 'dispatched', agent_id = ?, attempts = attempts + 1,
+             due_at = ?, started_at = COALESCE(started_at, ?), handoff_id = COALESCE(?, handoff_id)
+         WHERE workflow_id = ? AND idx = ? AND status = ? AND attempts = ?",
+    )
+    .bind(agent_id)
+    .bind(now + step.timeout_ms)
+    .bind(now)
+    .bind(handoff_id)
+    .bind(&step.workflow_id)
+    .bind(step.idx)
+    .bind(&step.status)
+    .bind(step.attempts)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Moves a step from `from` (at attempt `attempts`) to `to`, with when it is next due.
+pub async fn set_status(
+    conn: &mut SqliteConnection,
+    step: &StepRow,
+    to: &str,
+    due_at: Option<i64>,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE workflow_step SET status = ?, due_at = ?
+         WHERE workflow_id = ? AND idx = ? AND status = ? AND attempts = ?",
+    )
+    .bind(to)
+    .bind(due_at)
+    .bind(&step.workflow_id)
+    .bind(step.idx)
+    .bind(&step.status)
+    .bind(step.attempts)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Ends an attempt of a dispatched step: `to` is final (`succeeded`, `failed`, `timed_out`) or
+/// `pending` again for a retry due at `due_at`. Only the holder of the current attempt can.
+#[allow(clippy::too_many_arguments)]
+pub async fn end_attempt(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idx: i64,
+    attempt: i64,
+    to: &str,
+    output: Option<&str>,
+    error: Option<&str>,
+    due_at: Option<i64>,
+    now: i64,
+) -> Result<bool> {
+    let finished = (to != "pending").then_some(now);
+    let done = sqlx::query(
+        "UPDATE workflow_step SET status = ?, output = ?, error = ?, due_at = ?, finished_at = ?
+         WHERE workflow_id = ? AND idx = ? AND status = 'dispatched' AND attempts = ?",
+    )
+    .bind(to)
+    .bind(output)
+    .bind(error)
+    .bind(due_at)
+    .bind(finished)
+    .bind(workflow_id)
+    .bind(idx)
+    .bind(attempt)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks the not-yet-final steps among `idxs` (all of the run's when None) with a final `to`
+/// (`skipped`, `cancelled`); returns `(idx, step_id)` of each.
+pub async fn finish_open(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idxs: Option<&[i64]>,
+    to: &str,
+    now: i64,
+) -> Result<Vec<(i64, String)>> {
+    if idxs.is_some_and(<[i64]>::is_empty) {
+        return Ok(Vec::new());
+    }
+    let mut query = QueryBuilder::new("UPDATE workflow_step SET status = ");
+    query
+        .push_bind(to)
+        .push(", due_at = NULL, finished_at = ")
+        .push_bind(now)
+        .push(" WHERE status IN ('pending', 'waiting', 'dispatched') AND workflow_id = ")
+        .push_bind(workflow_id);
+    if let Some(idxs) = idxs {
+        query.push(" AND idx IN (");
+        let mut list = query.separated(", ");
+        for idx in idxs {
+            list.push_bind(*idx);
+        }
+        query.push(")");
+    }
+    query.push(" RETURNING idx, step_id");
+    Ok(query.build_query_as().fetch_all(&mut *conn).await?)
+}
+
+/// `(step_id, agent_id)` of a run's dispatched steps.
+pub async fn holders(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+) -> Result<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT step_id, agent_id FROM workflow_step
+         WHERE workflow_id = ? AND status = 'dispatched' AND agent_id IS NOT NULL",
+    )
+    .bind(workflow_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Counts steps that reached a final status; returns (steps_done, steps_total, steps_failed).
+pub async fn count_done(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    done: i64,
+    failed: i64,
+) -> Result<(i64, i64, i64)> {
+    Ok(sqlx::query_as(
+        "UPDATE workflow SET steps_done = steps_done + ?, steps_failed = steps_failed + ?
+         WHERE workflow_id = ? RETURNING steps_done, steps_total, steps_failed",
+    )
+    .bind(done)
+    .bind(failed)
+    .bind(workflow_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Ends an executing run; false when it had already ended.
+pub async fn finish_run(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    status: &str,
+    now: i64,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE workflow SET status = ?, finished_at = ?
+         WHERE workflow_id = ? AND status = 'executing'",
+    )
+    .bind(status)
+    .bind(now)
+    .bind(workflow_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Lowers the dependency count of `idxs`; returns those that reached zero (and are pending).
+pub async fn satisfy(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idxs: &[i64],
+) -> Result<Vec<i64>> {
+    let mut ready = Vec::new();
+    for chunk in idxs.chunks(500) {
+        let mut query = QueryBuilder::new(
+            "UPDATE workflow_step SET deps_left = deps_left - 1 WHERE workflow_id = ",
+        );
+        query.push_bind(workflow_id).push(" AND idx IN (");
+        let mut list = query.separated(", ");
+        for idx in chunk {
+            list.push_bind(*idx);
+        }
+        query.push(") RETURNING idx, deps_left, status");
+        let rows: Vec<(i64, i64, String)> = query.build_query_as().fetch_all(&mut *conn).await?;
+        ready.extend(
+            rows.into_iter()
+                .filter(|(_, left, status)| *left == 0 && status == "pending")
+                .map(|(idx, _, _)| idx),
+        );
+    }
+    ready.sort_unstable();
+    Ok(ready)
+}
+
+/// Pending steps of executing runs waiting for the trigger `name` (of `workflow_id` only, when
+/// given).
+pub async fn triggered(
+    conn: &mut SqliteConnection,
+    name: &str,
+    workflow_id: Option<&str>,
+) -> Result<Vec<StepRow>> {
+    let sql = format!(
+        "SELECT {STEP_COLUMNS} FROM workflow_step
+         WHERE trigger_name = ? AND status = 'pending' AND attempts = 0 AND due_at IS NULL
+           AND (? IS NULL OR workflow_id = ?)
+           AND workflow_id IN (SELECT workflow_id FROM workflow WHERE status = 'executing')
+         ORDER BY workflow_id, idx"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(name)
+        .bind(workflow_id)
+        .bind(workflow_id)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(step_from_row).collect()
+}
+
+pub async fn insert_trigger(
+    conn: &mut SqliteConnection,
+    name: &str,
+    workflow_id: Option<&str>,
+    payload: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query("INSERT INTO trigger_event (name, workflow_id, payload, at) VALUES (?, ?, ?, ?)")
+        .bind(name)
+        .bind(workflow_id)
+        .bind(payload)
+        .bind(now)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The newest payload of an event `name` posted since `since` for `workflow_id` (or for all).
+pub async fn recent_trigger(
+    conn: &mut SqliteConnection,
+    name: &str,
+    workflow_id: &str,
+    since: i64,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT payload FROM trigger_event
+         WHERE name = ? AND at >= ? AND (workflow_id IS NULL OR workflow_id = ?)
+         ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(name)
+    .bind(since)
+    .bind(workflow_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Forgets trigger events older than `before`.
+pub async fn prune_triggers(conn: &mut SqliteConnection, before: i64) -> Result<u64> {
+    Ok(sqlx::query("DELETE FROM trigger_event WHERE at < ?")
+        .bind(before)
+        .execute(conn)
+        .await?
+        .rows_affected())
+}
+
+/// Whether a timer has anything to do (for `Store::any_due`).
+pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM workflow_step
+    WHERE status IN ('dispatched', 'pending', 'waiting') AND due_at <= ?)";
+
+/// Steps whose `due_at` has come: dispatched attempts past their deadline, retries whose backoff
+/// is over and waiting steps due for another look for an agent.
+pub async fn due(conn: &mut SqliteConnection, now: i64, limit: u32) -> Result<Vec<StepRow>> {
+    let sql = format!(
+        "SELECT {STEP_COLUMNS} FROM workflow_step
+         WHERE status IN ('dispatched', 'pending', 'waiting') AND due_at <= ?
+         ORDER BY due_at LIMIT ?"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(step_from_row).collect()
+}
+
+/// The oldest waiting steps (a held step just ended: one may now find an agent).
+pub async fn waiting(conn: &mut SqliteConnection, limit: u32) -> Result<Vec<StepRow>> {
+    let sql = format!(
+        "SELECT {STEP_COLUMNS} FROM workflow_step WHERE status = 'waiting'
+         ORDER BY due_at LIMIT ?"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(step_from_row).collect()
+}
+
+/// Agents with `capability` and the steps each holds now: (agent_id, max_concurrent_tasks,
+/// held).
+pub async fn capable(
+    conn: &mut SqliteConnection,
+    capability: &str,
+) -> Result<Vec<(String, i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT a.agent_id, a.max_concurrent_tasks,
+                (SELECT COUNT(*) FROM workflow_step s
+                 WHERE s.agent_id = a.agent_id AND s.status = 'dispatched') AS held
+         FROM agent_capability c JOIN agent a ON a.agent_id = c.agent_id
+         WHERE c.capability = ? ORDER BY a.agent_id",
+    )
+    .bind(capability)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Steps each of `agent_ids` holds now.
+pub async fn held(pool: &SqlitePool, agent_ids: &[&str]) -> Result<Vec<(String, i64)>> {
+    if agent_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut query = QueryBuilder::new(
+        "SELECT agent_id, COUNT(*) FROM workflow_step WHERE status = 'dispatched' AND agent_id IN (",
+    );
+    let mut list = query.separated(", ");
+    for id in agent_ids {
+        list.push_bind(*id);
+    }
+    query.push(") GROUP BY agent_id");
+    Ok(query.build_query_as().fetch_all(pool).await?)
+}

@@ -1,0 +1,621 @@
+//! The engine's transitions, each inside the caller's store transaction (one writer at a time,
+//! every step move a compare-and-set), so what a transaction reads is what it changes:
+//!
+//! - a step becomes ready → [`dispatch`]: an agent is chosen (the named one, or the available
+//!   agent with the capability and the lowest `held / max_concurrent_tasks`, never one at its
+//!   limit), the attempt goes out as a `workflow.step` message; no agent free → `waiting`,
+//!   looked at again when a held step ends and by the timer;
+//! - an attempt ends ([`attempt_ended`]: a result, or the timer's timeout) → success, a retry
+//!   after backoff (1 s × 2ⁿ, capped at 60 s, with jitter), or a final failure;
+//! - a step reaches a final status → what follows from the pattern: the next step (sequential,
+//!   with a handoff recorded between the two agents), the dependants whose dependencies have all
+//!   succeeded (DAG; a failure skips its dependants), the `step:<step_id>` trigger
+//!   (event-driven); the run's barrier counts it, and the last one ends the run with its
+//!   learning records (a memory, a `successful_orchestration` / `orchestration_failure` pattern,
+//!   `precedes` graph edges).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value, json};
+
+use super::db::{self, RunRow, StepRow};
+use super::definition::{Pattern, WorkflowDefinition};
+use crate::app::AppState;
+use crate::error::{Error, Result};
+use crate::events::NewEvent;
+use crate::handoffs;
+use crate::memory::{self, NewEdge, NewMemory, NewPattern};
+use crate::messages;
+use crate::store::Writer;
+
+/// How long a waiting step waits before the timer looks for an agent again (a held step that
+/// ends looks sooner).
+const WAIT_RECHECK_MS: i64 = 1_000;
+/// An event posted this long before a step begins waiting still starts it.
+pub const TRIGGER_LOOKBACK_MS: i64 = 60_000;
+/// Steps the timer moves per tick.
+const DUE_BATCH: u32 = 200;
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// With the agent's output (raw JSON).
+    Succeeded(Option<String>),
+    Failed(String),
+    TimedOut,
+}
+
+fn pattern(run: &RunRow) -> Result<Pattern> {
+    serde_json::from_value(Value::String(run.pattern.clone()))
+        .map_err(|e| Error::Internal(format!("pattern: {e}")))
+}
+
+fn event(kind: &'static str, data: Value) -> NewEvent {
+    NewEvent::new("workflows", kind, data)
+}
+
+/// Backoff before retry `n` (1-based): 1 s × 2ⁿ⁻¹, capped at 60 s, the upper half jittered.
+fn backoff_ms(n: i64) -> i64 {
+    let base = (1_000i64 << (n - 1).clamp(0, 6)).min(60_000);
+    let mut byte = [0u8; 2];
+    let jitter = match getrandom::fill(&mut byte) {
+        Ok(()) => i64::from(u16::from_le_bytes(byte)) * (base / 2) / i64::from(u16::MAX),
+        Err(_) => 0,
+    };
+    base / 2 + jitter
+}
+
+/// A run was inserted with its steps: starts those that are ready.
+pub async fn started(
+    tx: &mut Writer,
+    state: &AppState,
+    run: &RunRow,
+    def: &WorkflowDefinition,
+    steps: Vec<StepRow>,
+    now: i64,
+) -> Result<()> {
+    tx.emit(event(
+        "workflow.started",
+        json!({"workflow_id": run.workflow_id, "name": run.name, "pattern": run.pattern,
+               "steps": steps.len()}),
+    ));
+    // The precedes edges, as the seed draws them: from each step to the steps that follow it.
+    let node = |step_id: &str| format!("workflow_step:{}/{step_id}", run.workflow_id);
+    let mut edges = Vec::new();
+    let mut precede = |from: &str, to: &str| {
+        edges.push(NewEdge {
+            source: node(from),
+            target: node(to),
+            relationship: "precedes".into(),
+            properties: Map::from_iter([("workflow_id".to_owned(), json!(run.workflow_id))]),
+        })
+    };
+    match def.pattern {
+        Pattern::Sequential => def
+            .steps
+            .windows(2)
+            .for_each(|w| precede(&w[0].step_id, &w[1].step_id)),
+        Pattern::DependencyBased => def.steps.iter().for_each(|s| {
+            s.depends_on.iter().for_each(|d| precede(d, &s.step_id));
+        }),
+        Pattern::EventDriven => def.steps.iter().for_each(|s| {
+            if let Some(from) = s.trigger.as_deref().and_then(|t| t.strip_prefix("step:")) {
+                precede(from, &s.step_id);
+            }
+        }),
+        Pattern::Parallel => {}
+    }
+    memory::link_many(tx, edges).await?;
+
+    let ready: Vec<StepRow> = match def.pattern {
+        Pattern::Sequential => steps.into_iter().take(1).collect(),
+        Pattern::Parallel => steps,
+        Pattern::DependencyBased => steps.into_iter().filter(|s| s.deps_left == 0).collect(),
+        Pattern::EventDriven => {
+            // No lost wakeup: an event committed before this transaction is in the table (and
+            // one committed after it finds these steps pending).
+            let mut ready = Vec::new();
+            for step in steps {
+                let name = step.trigger_name.as_deref().unwrap_or_default();
+                let since = now - TRIGGER_LOOKBACK_MS;
+                if db::recent_trigger(tx.conn(), name, &run.workflow_id, since)
+                    .await?
+                    .is_some()
+                {
+                    ready.push(step);
+                }
+            }
+            ready
+        }
+    };
+    for step in ready {
+        dispatch(tx, state, run, step, now).await?;
+    }
+    Ok(())
+}
+
+/// Chooses the agent for a capability: available (present, status `available`), below its
+/// limit, with the lowest share of its limit held (ties: fewer held, then the id).
+async fn pick(
+    tx: &mut Writer,
+    state: &AppState,
+    capability: &str,
+    now: i64,
+) -> Result<Option<String>> {
+    let candidates = db::capable(tx.conn(), capability).await?;
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<&str> = candidates.iter().map(|(id, _, _)| id.as_str()).collect();
+    let presence = state.broker.presence(&ids, now).await?;
+    Ok(candidates
+        .iter()
+        .zip(presence)
+        .filter(|((_, max, held), p)| {
+            held < max && p.as_ref().is_some_and(|p| p.status == "available")
+        })
+        .min_by(|((a_id, a_max, a_held), _), ((b_id, b_max, b_held), _)| {
+            // a_held / a_max < b_held / b_max, without floating point.
+            (a_held * b_max)
+                .cmp(&(b_held * a_max))
+                .then(a_held.cmp(b_held))
+                .then(a_id.cmp(b_id))
+        })
+        .map(|((id, _, _), _)| id.clone()))
+}
+
+/// `previous_results` for a step's attempt: a JSON object of raw outputs — every earlier step's
+/// (sequential), the dependencies' (DAG), the triggering step's output or the event's payload
+/// (event-driven, under the trigger's name); `{}` for parallel steps.
+async fn previous_results(tx: &mut Writer, run: &RunRow, step: &StepRow) -> Result<String> {
+    let pairs = match pattern(run)? {
+        Pattern::Sequential => {
+            let earlier: Vec<i64> = (0..step.idx).collect();
+            db::outputs(tx.conn(), &run.workflow_id, &earlier).await?
+        }
+        Pattern::DependencyBased => {
+            let deps = StepRow::indexes(&step.depends_on)?;
+            db::outputs(tx.conn(), &run.workflow_id, &deps).await?
+        }
+        Pattern::EventDriven => {
+            let trigger = step.trigger_name.as_deref().unwrap_or_default();
+            let payload = match trigger.strip_prefix("step:") {
+                Some(from) => db::step_by_id(tx.conn(), &run.workflow_id, from)
+                    .await?
+                    .and_then(|s| s.output),
+                None => db::recent_trigger(tx.conn(), trigger, &run.workflow_id, 0).await?,
+            };
+            payload
+                .map(|p| vec![(trigger.to_owned(), p)])
+                .unwrap_or_default()
+        }
+        Pattern::Parallel => Vec::new(),
+    };
+    let mut object = String::from("{");
+    for (i, (key, raw)) in pairs.iter().enumerate() {
+        if i > 0 {
+            object.push(',');
+        }
+        let key = serde_json::to_string(key).map_err(|e| Error::Internal(e.to_string()))?;
+        let _ = write!(object, "{key}:{raw}");
+    }
+    object.push('}');
+    Ok(object)
+}
+
+/// Puts the next attempt of a ready step (`pending` or `waiting`) out to an agent, or leaves it
+/// `waiting` when none is free. Returns whether it went out.
+pub async fn dispatch(
+    tx: &mut Writer,
+    state: &AppState,
+    run: &RunRow,
+    step: StepRow,
+    now: i64,
+) -> Result<bool> {
+    let agent = match (&step.agent, &step.capability) {
+        (Some(agent), _) => Some(agent.clone()),
+        (None, Some(capability)) => pick(tx, state, capability, now).await?,
+        (None, None) => return Err(Error::Internal("a step without agent or capability".into())),
+    };
+    let attempt = step.attempts + 1;
+    let sent = match &agent {
+        Some(agent) => {
+            let previous = previous_results(tx, run, &step).await?;
+            let content = format!(
+                r#"{{"workflow_id":{},"step_id":{},"attempt":{attempt},"input":{},"previous_results":{previous}}}"#,
+                json!(run.workflow_id),
+                json!(step.step_id),
+                step.input,
+            );
+            let message_id = crate::common::new_id("msg");
+            let row = messages::db::Insert {
+                message_id: &message_id,
+                sender: "ltmc",
+                recipient: agent,
+                message_type: "workflow.step",
+                content: &content,
+                priority: 5,
+                correlation_id: Some(&run.workflow_id),
+                // The queue runs on the wall clock (a timer step may be driven with a later one).
+                now: crate::common::now_ms(),
+            };
+            // Empty when the agent's queue is full: the step waits like a step without an agent.
+            !messages::db::insert_many(tx.conn(), std::slice::from_ref(&row))
+                .await?
+                .is_empty()
+        }
+        None => false,
+    };
+    let Some(agent) = agent.filter(|_| sent) else {
+        if step.status != "waiting" {
+            tx.emit(event(
+                "workflow.step.waiting",
+                json!({"workflow_id": run.workflow_id, "step_id": step.step_id}),
+            ));
+        }
+        if !db::set_status(tx.conn(), &step, "waiting", Some(now + WAIT_RECHECK_MS)).await? {
+            return Err(Error::Internal("a step moved under the writer".into()));
+        }
+        return Ok(false);
+    };
+    // Sequential: the previous step's agent hands over to this one, with its output.
+    let mut handoff_id = None;
+    if pattern(run)? == Pattern::Sequential && step.idx > 0 && step.attempts == 0 {
+        let previous = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx - 1).await?;
+        if let Some(previous) = previous
+            && let Some(from) = previous.agent_id.as_deref()
+            && from != agent
+        {
+            let output: Value = match &previous.output {
+                Some(raw) => serde_json::from_str(raw).unwrap_or(Value::Null),
+                None => Value::Null,
+            };
+            let context = json!({"workflow_id": run.workflow_id, "from_step": previous.step_id,
+                                 "to_step": step.step_id, "previous_output": output});
+            let reason = format!("workflow {} step {}", run.name, step.step_id);
+            handoff_id = Some(
+                handoffs::record_step_handoff(
+                    tx,
+                    from,
+                    &agent,
+                    context,
+                    &run.workflow_id,
+                    &reason,
+                    now,
+                )
+                .await?,
+            );
+        }
+    }
+    if !db::dispatch(tx.conn(), &step, &agent, handoff_id.as_deref(), now).await? {
+        return Err(Error::Internal("a step moved under the writer".into()));
+    }
+    tx.emit(
+        event(
+            "workflow.step.dispatched",
+            json!({"workflow_id": run.workflow_id, "step_id": step.step_id, "agent_id": agent,
+                   "attempt": attempt}),
+        )
+        .to_agent(&agent),
+    );
+    Ok(true)
+}
+
+/// An attempt of a dispatched step ended: success, a retry after backoff, or a final failure.
+pub async fn attempt_ended(
+    tx: &mut Writer,
+    state: &AppState,
+    run: &RunRow,
+    step: StepRow,
+    outcome: Outcome,
+    now: i64,
+) -> Result<()> {
+    let retry = !matches!(outcome, Outcome::Succeeded(_)) && step.attempts <= step.max_retries;
+    let (to, output, error, kind) = match &outcome {
+        Outcome::Succeeded(output) => (
+            "succeeded",
+            output.as_deref(),
+            None,
+            "workflow.step.succeeded",
+        ),
+        Outcome::Failed(error) => (
+            if retry { "pending" } else { "failed" },
+            None,
+            Some(error.as_str()),
+            "workflow.step.failed",
+        ),
+        Outcome::TimedOut => (
+            if retry { "pending" } else { "timed_out" },
+            None,
+            Some("attempt timed out"),
+            "workflow.step.timed_out",
+        ),
+    };
+    let due_at = retry.then(|| now + backoff_ms(step.attempts));
+    if !db::end_attempt(
+        tx.conn(),
+        &step.workflow_id,
+        step.idx,
+        step.attempts,
+        to,
+        output,
+        error,
+        due_at,
+        now,
+    )
+    .await?
+    {
+        return Err(Error::Conflict(format!(
+            "attempt {} of step {} has already ended",
+            step.attempts, step.step_id
+        )));
+    }
+    let mut data = json!({"workflow_id": run.workflow_id, "step_id": step.step_id,
+                          "agent_id": step.agent_id, "attempt": step.attempts, "status": to});
+    if let Some(error) = error {
+        data["error"] = json!(error);
+    }
+    if let Some(due_at) = due_at {
+        data["retry_at"] = json!(crate::common::rfc3339(due_at));
+    }
+    let mut notice = event(kind, data);
+    if let (Outcome::TimedOut, Some(holder)) = (&outcome, &step.agent_id) {
+        notice = notice.to_agent(holder);
+    }
+    tx.emit(notice);
+    if !retry {
+        if let Some(handoff_id) = &step.handoff_id {
+            handoffs::settle_step_handoff(tx, handoff_id, to == "succeeded").await?;
+        }
+        step_final(tx, state, run, &step, to == "succeeded", now).await?;
+    }
+    // The holder has a free slot now: a waiting step may find an agent.
+    if let Some(waiting) = db::waiting(tx.conn(), 1).await?.pop()
+        && let Some(wrun) = db::get_run(tx.conn(), &waiting.workflow_id).await?
+        && wrun.status == "executing"
+    {
+        dispatch(tx, state, &wrun, waiting, now).await?;
+    }
+    Ok(())
+}
+
+/// A step reached a final status: counts it, moves the run on by its pattern, and ends the run
+/// when it was the last.
+async fn step_final(
+    tx: &mut Writer,
+    state: &AppState,
+    run: &RunRow,
+    step: &StepRow,
+    succeeded: bool,
+    now: i64,
+) -> Result<()> {
+    let mut done = 1;
+    let failed = i64::from(!succeeded);
+    match (pattern(run)?, succeeded) {
+        (Pattern::Sequential, true) => {
+            if let Some(next) = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx + 1).await? {
+                dispatch(tx, state, run, next, now).await?;
+            }
+        }
+        (Pattern::Sequential, false) => {
+            let rest: Vec<i64> = (step.idx + 1..run.steps_total).collect();
+            done += skip(tx, run, &rest, now).await?;
+        }
+        (Pattern::Parallel, _) => {}
+        (Pattern::DependencyBased, true) => {
+            let dependants = StepRow::indexes(&step.dependants)?;
+            let ready = db::satisfy(tx.conn(), &run.workflow_id, &dependants).await?;
+            for next in db::steps_in(tx.conn(), &run.workflow_id, &ready, "pending").await? {
+                dispatch(tx, state, run, next, now).await?;
+            }
+        }
+        (Pattern::DependencyBased, false) => {
+            // Everything downstream of the failure is skipped; independent branches go on.
+            let mut downstream = BTreeSet::new();
+            let mut frontier = StepRow::indexes(&step.dependants)?;
+            while !frontier.is_empty() {
+                let open = db::steps_in(tx.conn(), &run.workflow_id, &frontier, "pending").await?;
+                frontier = Vec::new();
+                for s in open {
+                    if downstream.insert(s.idx) {
+                        frontier.extend(StepRow::indexes(&s.dependants)?);
+                    }
+                }
+            }
+            let downstream: Vec<i64> = downstream.into_iter().collect();
+            done += skip(tx, run, &downstream, now).await?;
+        }
+        (Pattern::EventDriven, true) => {
+            let name = format!("step:{}", step.step_id);
+            let output = step_output(tx, step).await?;
+            fire(tx, state, &name, Some(&run.workflow_id), &output, now).await?;
+        }
+        (Pattern::EventDriven, false) => {
+            // Steps triggered by this one's completion can never start: skipped, and theirs.
+            let mut downstream = Vec::new();
+            let mut names = vec![format!("step:{}", step.step_id)];
+            while let Some(name) = names.pop() {
+                for s in db::triggered(tx.conn(), &name, Some(&run.workflow_id)).await? {
+                    names.push(format!("step:{}", s.step_id));
+                    downstream.push(s.idx);
+                }
+            }
+            done += skip(tx, run, &downstream, now).await?;
+        }
+    }
+    let (steps_done, total, steps_failed) =
+        db::count_done(tx.conn(), &run.workflow_id, done, failed).await?;
+    if steps_done >= total {
+        let status = if steps_failed > 0 {
+            "failed"
+        } else {
+            "completed"
+        };
+        run_ended(tx, run, status, now).await?;
+    }
+    Ok(())
+}
+
+/// The step's output as stored (its result was written earlier in this transaction).
+async fn step_output(tx: &mut Writer, step: &StepRow) -> Result<String> {
+    Ok(db::step_by_idx(tx.conn(), &step.workflow_id, step.idx)
+        .await?
+        .and_then(|s| s.output)
+        .unwrap_or_else(|| "null".into()))
+}
+
+/// Marks open steps skipped; returns how many.
+async fn skip(tx: &mut Writer, run: &RunRow, idxs: &[i64], now: i64) -> Result<i64> {
+    let skipped = db::finish_open(tx.conn(), &run.workflow_id, Some(idxs), "skipped", now).await?;
+    for (_, step_id) in &skipped {
+        tx.emit(event(
+            "workflow.step.skipped",
+            json!({"workflow_id": run.workflow_id, "step_id": step_id}),
+        ));
+    }
+    Ok(skipped.len() as i64)
+}
+
+/// Records an event (kept a while for steps that begin waiting later) and dispatches the
+/// pending steps waiting for it. Returns how many it started.
+pub async fn fire(
+    tx: &mut Writer,
+    state: &AppState,
+    name: &str,
+    workflow_id: Option<&str>,
+    payload: &str,
+    now: i64,
+) -> Result<usize> {
+    db::insert_trigger(tx.conn(), name, workflow_id, payload, now).await?;
+    let waiting = db::triggered(tx.conn(), name, workflow_id).await?;
+    let mut started = 0;
+    let mut run: Option<RunRow> = None;
+    for step in waiting {
+        if run
+            .as_ref()
+            .is_none_or(|r| r.workflow_id != step.workflow_id)
+        {
+            run = db::get_run(tx.conn(), &step.workflow_id).await?;
+        }
+        if let Some(run) = &run {
+            dispatch(tx, state, run, step, now).await?;
+            started += 1;
+        }
+    }
+    Ok(started)
+}
+
+/// Cancels an executing run: its open steps become `cancelled` and their holders hear of it.
+pub async fn cancelled(tx: &mut Writer, run: &RunRow, now: i64) -> Result<()> {
+    let holders = db::holders(tx.conn(), &run.workflow_id).await?;
+    let closed = db::finish_open(tx.conn(), &run.workflow_id, None, "cancelled", now).await?;
+    db::count_done(tx.conn(), &run.workflow_id, closed.len() as i64, 0).await?;
+    for (step_id, agent_id) in holders {
+        tx.emit(
+            event(
+                "workflow.step.cancelled",
+                json!({"workflow_id": run.workflow_id, "step_id": step_id}),
+            )
+            .to_agent(&agent_id),
+        );
+    }
+    run_ended(tx, run, "cancelled", now).await
+}
+
+/// Ends a run and writes its learning records.
+async fn run_ended(tx: &mut Writer, run: &RunRow, status: &str, now: i64) -> Result<()> {
+    if !db::finish_run(tx.conn(), &run.workflow_id, status, now).await? {
+        return Err(Error::Conflict(format!(
+            "workflow {} has already ended",
+            run.workflow_id
+        )));
+    }
+    let duration_ms = now - run.created_at;
+    let agents: BTreeSet<String> = db::steps(tx.conn(), &run.workflow_id)
+        .await?
+        .into_iter()
+        .filter_map(|s| s.agent_id)
+        .collect();
+    let kind = match status {
+        "completed" => "workflow.completed",
+        "failed" => "workflow.failed",
+        _ => "workflow.cancelled",
+    };
+    tx.emit(event(
+        kind,
+        json!({"workflow_id": run.workflow_id, "name": run.name, "pattern": run.pattern,
+               "status": status, "execution_time_ms": duration_ms}),
+    ));
+    memory::store_memory(
+        tx,
+        NewMemory {
+            content: format!("Workflow {status}: {} ({})", run.name, run.pattern),
+            tags: vec!["workflow".into(), run.pattern.clone(), status.to_owned()],
+            metadata: Map::from_iter([
+                ("workflow_id".to_owned(), json!(run.workflow_id)),
+                ("pattern".to_owned(), json!(run.pattern)),
+                ("status".to_owned(), json!(status)),
+                ("execution_time_ms".to_owned(), json!(duration_ms)),
+                ("agents".to_owned(), json!(agents)),
+            ]),
+        },
+    )
+    .await?;
+    if status != "cancelled" {
+        let success = status == "completed";
+        memory::record_pattern(
+            tx,
+            NewPattern {
+                pattern_type: if success {
+                    "successful_orchestration"
+                } else {
+                    "orchestration_failure"
+                }
+                .into(),
+                context: format!("Workflow: {}", run.name),
+                solution: format!("Pattern: {}", run.pattern),
+                metadata: Map::from_iter([
+                    ("workflow_id".to_owned(), json!(run.workflow_id)),
+                    ("pattern".to_owned(), json!(run.pattern)),
+                    ("execution_time_ms".to_owned(), json!(duration_ms)),
+                    ("agents".to_owned(), json!(agents)),
+                    ("agents_involved".to_owned(), json!(agents.len())),
+                ]),
+                success: Some(success),
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The timer's share: steps whose `due_at` has come. Returns how many it moved.
+pub async fn due(tx: &mut Writer, state: &AppState, now: i64) -> Result<usize> {
+    let due = db::due(tx.conn(), now, DUE_BATCH).await?;
+    let mut moved = 0;
+    for step in due {
+        // An earlier move in this batch may have changed it (e.g. skipped it): read it again.
+        let Some(step) = db::step_by_idx(tx.conn(), &step.workflow_id, step.idx).await? else {
+            continue;
+        };
+        if step.due_at.is_none_or(|at| at > now) {
+            continue;
+        }
+        let Some(run) = db::get_run(tx.conn(), &step.workflow_id).await? else {
+            continue;
+        };
+        if run.status != "executing" {
+            continue;
+        }
+        match step.status.as_str() {
+            "dispatched" => attempt_ended(tx, state, &run, step, Outcome::TimedOut, now).await?,
+            "pending" | "waiting" => {
+                dispatch(tx, state, &run, step, now).await?;
+            }
+            _ => continue,
+        }
+        moved += 1;
+    }
+    Ok(moved)
+}

@@ -1,0 +1,511 @@
+//! Workflows end to end with real agent clients (claim the `workflow.step` message, post the
+//! result): each pattern, a DAG with a failing branch, cycles, capability routing, timeouts and
+//! retries (the timer driven directly, with a clock moved forward), late results, cancel,
+//! event-driven steps whose event came first, and auth.
+
+use ltmc::common::now_ms;
+use serde_json::{Value, json};
+
+use crate::both_brokers;
+use crate::harness::{Next, TestApp};
+
+/// Claims `agent`'s next `workflow.step` message (acking it) and returns its content.
+async fn take_step(app: &TestApp, agent: &str) -> Value {
+    let claimed = app.claim(agent, json!({"limit": 1})).await;
+    assert_eq!(claimed.len(), 1, "{agent} has no step message");
+    let message = &claimed[0];
+    assert_eq!(message["message_type"], "workflow.step");
+    let (status, _) = app
+        .post(
+            &format!(
+                "/v1/agents/{agent}/messages/{}/ack",
+                message["message_id"].as_str().unwrap()
+            ),
+            json!({"lease_id": message["lease_id"]}),
+        )
+        .await;
+    assert_eq!(status, 204);
+    message["content"].clone()
+}
+
+/// Posts the result of the attempt described by `step` (a `workflow.step` content).
+async fn answer(
+    app: &TestApp,
+    agent: &str,
+    step: &Value,
+    success: bool,
+    output: Value,
+) -> (u16, Value) {
+    let path = format!(
+        "/v1/workflows/{}/steps/{}/result",
+        step["workflow_id"].as_str().unwrap(),
+        step["step_id"].as_str().unwrap()
+    );
+    let mut body = json!({"agent_id": agent, "attempt": step["attempt"], "success": success});
+    if success {
+        body["output"] = output;
+    } else {
+        body["error"] = json!("it broke");
+    }
+    app.post(&path, body).await
+}
+
+async fn submit(app: &TestApp, def: Value) -> Value {
+    let (status, run) = app.post("/v1/workflows", def).await;
+    assert_eq!(status, 201, "{run}");
+    run
+}
+
+fn step_status(run: &Value, step_id: &str) -> String {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step_id"] == step_id)
+        .unwrap()["status"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+both_brokers!(
+    sequential_hands_over_with_previous_results,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        for (agent, caps) in [
+            ("plan", vec!["planning"]),
+            ("code", vec!["coding"]),
+            ("test", vec!["testing"]),
+        ] {
+            app.register(agent, &caps).await;
+        }
+        let mut firehose = app
+            .ws("/v1/events/stream?topics=workflows", &[])
+            .await
+            .unwrap();
+        let run = submit(
+            &app,
+            json!({"name": "ship", "pattern": "sequential", "steps": [
+            {"step_id": "design", "agent": "plan", "input": {"goal": "login"}},
+            {"step_id": "build", "capability": "coding"},
+            {"step_id": "verify", "agent": "test"}]}),
+        )
+        .await;
+        let id = run["workflow_id"].as_str().unwrap().to_owned();
+        assert!(id.starts_with("wf_"));
+        assert_eq!(run["status"], "executing");
+        assert_eq!(run["current_step"], "design");
+        assert_eq!(step_status(&run, "build"), "pending");
+
+        let design = take_step(&app, "plan").await;
+        assert_eq!(design["attempt"], 1);
+        assert_eq!(design["input"], json!({"goal": "login"}));
+        assert_eq!(design["previous_results"], json!({}));
+        assert!(
+            app.claim("code", json!({})).await.is_empty(),
+            "one step at a time"
+        );
+        let (status, after) = answer(&app, "plan", &design, true, json!({"spec": "v1"})).await;
+        assert_eq!(status, 200, "{after}");
+        assert_eq!(after["current_step"], "build");
+
+        let build = take_step(&app, "code").await;
+        assert_eq!(build["previous_results"], json!({"design": {"spec": "v1"}}));
+        answer(&app, "code", &build, true, json!("built")).await;
+        let verify = take_step(&app, "test").await;
+        assert_eq!(
+            verify["previous_results"],
+            json!({"design": {"spec": "v1"}, "build": "built"})
+        );
+        let (_, done) = answer(&app, "test", &verify, true, json!({"ok": true})).await;
+        assert_eq!(done["status"], "completed");
+        assert!(done["finished_at"].is_string());
+        assert_eq!(done["steps"][2]["output"], json!({"ok": true}));
+
+        // A handoff between each pair of consecutive agents, with the previous output as context.
+        let (_, handoffs) = app.get("/v1/handoffs?agent=code").await;
+        let from_plan = handoffs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["from_agent"] == "plan")
+            .expect("plan → code handoff");
+        assert_eq!(from_plan["status"], "completed");
+        assert_eq!(from_plan["workflow_id"], id.as_str());
+        assert_eq!(
+            from_plan["context"]["previous_output"],
+            json!({"spec": "v1"})
+        );
+        // Learning records: precedes edges, the pattern, a memory.
+        let (_, edges) = app
+            .get(&format!(
+                "/v1/graph/edges?node=workflow_step:{id}/design&relationship=precedes"
+            ))
+            .await;
+        assert_eq!(
+            edges["items"][0]["target"],
+            format!("workflow_step:{id}/build")
+        );
+        let (_, stats) = app.get("/v1/patterns/stats").await;
+        let types = stats["types"].as_array().unwrap();
+        assert!(
+            types
+                .iter()
+                .any(|t| t["pattern_type"] == "successful_orchestration"),
+            "{stats}"
+        );
+        // Progress on the event stream.
+        let mut kinds = Vec::new();
+        while kinds.last().map(String::as_str) != Some("workflow.completed") {
+            kinds.push(firehose.frame().await["type"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(kinds.first().unwrap(), "workflow.started");
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| *k == "workflow.step.succeeded")
+                .count(),
+            3
+        );
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| *k == "workflow.step.dispatched")
+                .count(),
+            3
+        );
+        app.stop().await;
+    }
+);
+
+both_brokers!(parallel_waits_for_every_step, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    let run = submit(
+        &app,
+        json!({"name": "fan", "pattern": "parallel", "steps": [
+            {"step_id": "a", "agent": "w1"}, {"step_id": "b", "agent": "w2"},
+            {"step_id": "c", "agent": "w3"}]}),
+    )
+    .await;
+    assert!(
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "dispatched")
+    );
+    let a = take_step(&app, "w1").await;
+    let b = take_step(&app, "w2").await;
+    let c = take_step(&app, "w3").await;
+    assert_eq!(
+        answer(&app, "w2", &b, false, json!(null)).await.1["status"],
+        "executing"
+    );
+    assert_eq!(
+        answer(&app, "w1", &a, true, json!(1)).await.1["status"],
+        "executing"
+    );
+    let (_, done) = answer(&app, "w3", &c, true, json!(3)).await;
+    assert_eq!(
+        done["status"], "failed",
+        "a failed step fails the run, after the barrier"
+    );
+    assert_eq!(step_status(&done, "b"), "failed");
+    assert_eq!(done["steps"][1]["error"], "it broke");
+    assert_eq!(step_status(&done, "c"), "succeeded");
+    app.stop().await;
+});
+
+both_brokers!(dag_failure_skips_dependants_only, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    // a → b → c, a → d; e on its own.
+    let run = submit(
+        &app,
+        json!({"name": "dag", "pattern": "dependency_based", "steps": [
+            {"step_id": "a", "agent": "x"},
+            {"step_id": "b", "agent": "x", "depends_on": ["a"]},
+            {"step_id": "c", "agent": "x", "depends_on": ["b"]},
+            {"step_id": "d", "agent": "y", "depends_on": ["a"]},
+            {"step_id": "e", "agent": "y"}]}),
+    )
+    .await;
+    let id = run["workflow_id"].as_str().unwrap().to_owned();
+    assert_eq!(step_status(&run, "a"), "dispatched");
+    assert_eq!(step_status(&run, "e"), "dispatched");
+    assert_eq!(step_status(&run, "b"), "pending");
+    let a = take_step(&app, "x").await;
+    answer(&app, "x", &a, true, json!("A")).await;
+    let b = take_step(&app, "x").await;
+    assert_eq!(b["step_id"], "b");
+    assert_eq!(b["previous_results"], json!({"a": "A"}));
+    let (_, after_b) = answer(&app, "x", &b, false, json!(null)).await;
+    assert_eq!(step_status(&after_b, "c"), "skipped");
+    assert_eq!(after_b["status"], "executing", "d and e still run");
+    let mut last = Value::Null;
+    for _ in 0..2 {
+        let step = take_step(&app, "y").await;
+        last = answer(&app, "y", &step, true, json!("ok")).await.1;
+    }
+    assert_eq!(step_status(&last, "d"), "succeeded");
+    assert_eq!(step_status(&last, "e"), "succeeded");
+    assert_eq!(last["status"], "failed");
+    let (_, stats) = app.get("/v1/patterns/stats").await;
+    assert!(
+        stats["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["pattern_type"] == "orchestration_failure"),
+        "{stats}"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/workflows/{id}")).await.1["status"],
+        "failed"
+    );
+    app.stop().await;
+});
+
+both_brokers!(
+    invalid_definitions_are_422_with_the_field,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        let (status, problem) = app
+            .post(
+                "/v1/workflows",
+                json!({"name": "loop", "pattern": "dependency_based", "steps": [
+                {"step_id": "a", "agent": "x", "depends_on": ["c"]},
+                {"step_id": "b", "agent": "x", "depends_on": ["a"]},
+                {"step_id": "c", "agent": "x", "depends_on": ["b"]}]}),
+            )
+            .await;
+        assert_eq!(status, 422, "{problem}");
+        let message = problem["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            message.contains("a -> c -> b -> a")
+                || message.contains("a -> b -> c -> a")
+                || message.contains("cycle"),
+            "{message}"
+        );
+        assert!(message.contains("cycle"), "{message}");
+        for (def, field) in [
+            (
+                json!({"name": "x", "pattern": "sequential", "steps": []}),
+                "steps",
+            ),
+            (
+                json!({"name": "x", "pattern": "sequential", "steps": [{"step_id": "a"}]}),
+                "steps[0]",
+            ),
+            (
+                json!({"name": "x", "pattern": "event_driven", "steps": [{"step_id": "a", "agent": "x"}]}),
+                "steps[0].trigger",
+            ),
+            (
+                json!({"name": "x", "pattern": "sequential", "steps": [{"step_id": "a", "agent": "x"}, {"step_id": "a", "agent": "x"}]}),
+                "steps[1].step_id",
+            ),
+        ] {
+            let (status, problem) = app.post("/v1/workflows", def).await;
+            assert_eq!(status, 422, "{problem}");
+            assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+        }
+        assert_eq!(
+            app.get("/v1/workflows").await.1["items"],
+            json!([]),
+            "nothing was created"
+        );
+        app.stop().await;
+    }
+);
+
+both_brokers!(
+    capability_routing_picks_least_loaded_and_waits,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        for (agent, max) in [("big", 2), ("small", 1)] {
+            let (status, _) = app
+            .post(
+                "/v1/agents",
+                json!({"agent_id": agent, "capabilities": ["lint"], "max_concurrent_tasks": max}),
+            )
+            .await;
+            assert_eq!(status, 201);
+        }
+        let run = submit(
+            &app,
+            json!({"name": "lint", "pattern": "parallel", "steps": [
+            {"step_id": "s1", "capability": "lint"}, {"step_id": "s2", "capability": "lint"},
+            {"step_id": "s3", "capability": "lint"}, {"step_id": "s4", "capability": "lint"}]}),
+        )
+        .await;
+        let holders: Vec<&str> = run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["agent_id"].as_str().unwrap_or("-"))
+            .collect();
+        // 0/2 vs 0/1 → big (fewer held, then the id); 1/2 vs 0/1 → small; 1/2 vs 1/1 → big; full.
+        assert_eq!(holders, ["big", "small", "big", "-"]);
+        assert_eq!(step_status(&run, "s4"), "waiting");
+        assert_eq!(run["current_step"], "s1");
+        // An agent at its limit never gets more; when one frees a slot, the waiting step goes there.
+        let small = take_step(&app, "small").await;
+        let (_, after) = answer(&app, "small", &small, true, json!(null)).await;
+        assert_eq!(step_status(&after, "s4"), "dispatched");
+        assert_eq!(after["steps"][3]["agent_id"], "small");
+        app.stop().await;
+    }
+);
+
+both_brokers!(
+    timeouts_retry_then_fail_and_late_results_are_refused,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        let run = submit(
+            &app,
+            json!({"name": "flaky", "pattern": "parallel", "steps": [
+            {"step_id": "retry", "agent": "w", "timeout_ms": 50, "max_retries": 1},
+            {"step_id": "once", "agent": "v", "timeout_ms": 50}]}),
+        )
+        .await;
+        let id = run["workflow_id"].as_str().unwrap().to_owned();
+        let first = take_step(&app, "w").await;
+        let _ = take_step(&app, "v").await;
+        // The clock moves past both deadlines.
+        let later = now_ms() + 1_000;
+        assert_eq!(ltmc::workflows::tick(&app.state, later).await.unwrap(), 2);
+        let (_, run) = app.get(&format!("/v1/workflows/{id}")).await;
+        assert_eq!(step_status(&run, "retry"), "pending", "backing off");
+        assert_eq!(step_status(&run, "once"), "timed_out");
+        // The timed-out attempt's late result is refused.
+        let (status, problem) = answer(&app, "w", &first, true, json!("late")).await;
+        assert_eq!(status, 409, "{problem}");
+        // After the backoff (at most 1 s for the first retry) the second attempt goes out …
+        assert_eq!(
+            ltmc::workflows::tick(&app.state, later + 1_001)
+                .await
+                .unwrap(),
+            1
+        );
+        let second = take_step(&app, "w").await;
+        assert_eq!(second["attempt"], 2);
+        let (status, _) = answer(&app, "w", &first, true, json!("late")).await;
+        assert_eq!(status, 409, "attempt 1 is superseded");
+        let (status, _) = answer(&app, "intruder", &second, true, json!("x")).await;
+        assert_eq!(status, 409, "another agent does not hold it");
+        // … and succeeds; the run still fails for the step that ran out of attempts.
+        let (status, done) = answer(&app, "w", &second, true, json!("ok")).await;
+        assert_eq!(status, 200, "{done}");
+        assert_eq!(step_status(&done, "retry"), "succeeded");
+        assert_eq!(done["steps"][0]["attempts"], 2);
+        assert_eq!(done["status"], "failed");
+        let (status, _) = answer(&app, "w", &second, true, json!("again")).await;
+        assert_eq!(status, 409, "a step completes once");
+        app.stop().await;
+    }
+);
+
+both_brokers!(
+    cancel_stops_the_run_and_tells_the_holder,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        let mut holder = app.ws("/v1/agents/w/stream", &[]).await.unwrap();
+        let run = submit(
+            &app,
+            json!({"name": "long", "pattern": "sequential", "steps": [
+            {"step_id": "one", "agent": "w"}, {"step_id": "two", "agent": "w"}]}),
+        )
+        .await;
+        let id = run["workflow_id"].as_str().unwrap().to_owned();
+        let one = take_step(&app, "w").await;
+        let (status, cancelled) = app
+            .post(&format!("/v1/workflows/{id}/cancel"), json!({}))
+            .await;
+        assert_eq!(status, 200, "{cancelled}");
+        assert_eq!(cancelled["status"], "cancelled");
+        assert_eq!(step_status(&cancelled, "one"), "cancelled");
+        assert_eq!(step_status(&cancelled, "two"), "cancelled");
+        let mut kinds = Vec::new();
+        while let Next::Frame(frame) = holder.next(std::time::Duration::from_millis(500)).await {
+            kinds.push(frame["type"].as_str().unwrap_or_default().to_owned());
+        }
+        assert!(
+            kinds.contains(&"workflow.step.cancelled".to_owned()),
+            "{kinds:?}"
+        );
+        assert_eq!(answer(&app, "w", &one, true, json!(1)).await.0, 409);
+        assert_eq!(
+            app.post(&format!("/v1/workflows/{id}/cancel"), json!({}))
+                .await
+                .0,
+            409
+        );
+        assert_eq!(
+            app.post("/v1/workflows/wf_nope/cancel", json!({})).await.0,
+            404
+        );
+        let (_, listed) = app.get("/v1/workflows?status=cancelled").await;
+        assert_eq!(listed["items"][0]["workflow_id"], id.as_str());
+        app.stop().await;
+    }
+);
+
+both_brokers!(
+    event_driven_steps_see_events_sent_before_they_wait,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        // The event comes first …
+        let (status, accepted) = app
+            .post(
+                "/v1/events",
+                json!({"name": "pr.opened", "payload": {"pr": 7}}),
+            )
+            .await;
+        assert_eq!(status, 202, "{accepted}");
+        assert_eq!(accepted["steps_started"], 0);
+        // … and still starts the step that begins waiting for it now.
+        let run = submit(
+            &app,
+            json!({"name": "on-pr", "pattern": "event_driven", "steps": [
+            {"step_id": "review", "agent": "r", "trigger": "pr.opened"},
+            {"step_id": "merge", "agent": "m", "trigger": "step:review"},
+            {"step_id": "deploy", "agent": "d", "trigger": "release.cut"}]}),
+        )
+        .await;
+        let id = run["workflow_id"].as_str().unwrap().to_owned();
+        assert_eq!(step_status(&run, "review"), "dispatched");
+        assert_eq!(step_status(&run, "merge"), "pending");
+        let review = take_step(&app, "r").await;
+        assert_eq!(review["previous_results"], json!({"pr.opened": {"pr": 7}}));
+        answer(&app, "r", &review, true, json!({"approved": true})).await;
+        // A step's completion is the event `step:<step_id>`.
+        let merge = take_step(&app, "m").await;
+        assert_eq!(
+            merge["previous_results"],
+            json!({"step:review": {"approved": true}})
+        );
+        let (_, after) = answer(&app, "m", &merge, true, json!(null)).await;
+        assert_eq!(
+            after["status"], "executing",
+            "deploy still waits for its event"
+        );
+        let (_, accepted) = app
+            .post(
+                "/v1/events",
+                json!({"name": "release.cut", "workflow_id": id}),
+            )
+            .await;
+        assert_eq!(accepted["steps_started"], 1);
+        let deploy = take_step(&app, "d").await;
+        let (_, done) = answer(&app, "d", &deploy, true, json!(null)).await;
+        assert_eq!(done["status"], "completed");
+        assert_eq!(
+            app.post("/v1/events", json!({"name": "step:review"}))
+                .await
+                .0,
+            422,
+            "step: events are the engine's own"
+        );
+        app.stop().await;
+    }
+);
