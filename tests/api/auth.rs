@@ -876,3 +876,69 @@ both_brokers!(a_deleted_agents_token_stops_working, |kind| async move {
     assert_eq!(app.get("/v1/agents/beta").await.0, 404);
     app.stop().await;
 });
+
+// Workflows: only the admin submits, cancels and posts events; a step's result comes from the
+// agent holding it, with its own token — another agent's token is 403 and changes nothing.
+both_brokers!(
+    workflow_steps_answer_only_to_their_holder,
+    |kind| async move {
+        let app = secured(kind).await;
+        let holder = register(&app, "holder").await;
+        let other = register(&app, "other").await;
+        let def = json!({"name": "w", "pattern": "parallel", "steps": [{"step_id": "s", "agent": "holder"}]});
+        for token in [READ, other.as_str()] {
+            let refused = answer_as(
+                &app,
+                Method::POST,
+                "/v1/workflows",
+                Some(def.clone()),
+                Some(token),
+            )
+            .await;
+            assert_eq!(refused.status, 403);
+        }
+        let (status, run) = app.post("/v1/workflows", def).await;
+        assert_eq!(status, 201, "{run}");
+        let path = format!(
+            "/v1/workflows/{}/steps/s/result",
+            run["workflow_id"].as_str().unwrap()
+        );
+        let result = |agent: &str| json!({"agent_id": agent, "attempt": 1, "success": true});
+        let posing = answer_as(
+            &app,
+            Method::POST,
+            &path,
+            Some(result("holder")),
+            Some(&other),
+        )
+        .await;
+        assert_eq!(posing.status, 403);
+        problem(&posing, 403);
+        let (_, unchanged) = app
+            .get(&format!(
+                "/v1/workflows/{}",
+                run["workflow_id"].as_str().unwrap()
+            ))
+            .await;
+        assert_eq!(unchanged["steps"][0]["status"], "dispatched");
+        let own = answer_as(
+            &app,
+            Method::POST,
+            &path,
+            Some(result("holder")),
+            Some(&holder),
+        )
+        .await;
+        assert_eq!(own.status, 200, "{}", own.body);
+        let event = answer_as(
+            &app,
+            Method::POST,
+            "/v1/events",
+            Some(json!({"name": "e"})),
+            Some(&holder),
+        )
+        .await;
+        assert_eq!(event.status, 403);
+        app.stop().await;
+    }
+);

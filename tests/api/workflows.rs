@@ -509,3 +509,214 @@ both_brokers!(
         app.stop().await;
     }
 );
+
+/// A simulated agent's turn against `base`: claims its step messages (short leases, so a message
+/// claimed before a crash comes back soon), posts each result and acks. A 409 means the step was
+/// already answered (e.g. the answer committed but the crash lost the reply): ack and move on.
+/// Returns how many results were accepted.
+async fn agent_turn(client: &reqwest::Client, base: &str, agent: &str) -> usize {
+    let Ok(response) = client
+        .post(format!("{base}/v1/agents/{agent}/messages/claim"))
+        .json(&json!({"limit": 20, "visibility_timeout_s": 1}))
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    let Ok(claimed) = response.json::<Value>().await else {
+        return 0;
+    };
+    let mut accepted = 0;
+    for message in claimed["messages"].as_array().cloned().unwrap_or_default() {
+        let step = &message["content"];
+        let path = format!(
+            "{base}/v1/workflows/{}/steps/{}/result",
+            step["workflow_id"].as_str().unwrap(),
+            step["step_id"].as_str().unwrap()
+        );
+        let body = json!({"agent_id": agent, "attempt": step["attempt"], "success": true,
+                          "output": {"by": agent}});
+        let Ok(answer) = client.post(path).json(&body).send().await else {
+            return accepted;
+        };
+        match answer.status().as_u16() {
+            200 => accepted += 1,
+            409 => {}
+            other => panic!("result answered {other}"),
+        }
+        let ack = format!(
+            "{base}/v1/agents/{agent}/messages/{}/ack",
+            message["message_id"].as_str().unwrap()
+        );
+        if client
+            .post(ack)
+            .json(&json!({"lease_id": message["lease_id"]}))
+            .send()
+            .await
+            .is_err()
+        {
+            return accepted;
+        }
+    }
+    accepted
+}
+
+/// How many steps completed more than once, from the event log in the SQLite file.
+async fn steps_completed_twice(db: &std::path::Path) -> (usize, usize) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT data FROM event WHERE type = 'workflow.step.succeeded'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for (data,) in rows {
+        let data: Value = serde_json::from_str(&data).unwrap();
+        *seen
+            .entry(format!("{}/{}", data["workflow_id"], data["step_id"]))
+            .or_insert(0) += 1;
+    }
+    (seen.len(), seen.values().filter(|n| **n > 1).count())
+}
+
+async fn completed(client: &reqwest::Client, base: &str) -> usize {
+    let Ok(response) = client
+        .get(format!("{base}/v1/workflows?status=completed&limit=500"))
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    response
+        .json::<Value>()
+        .await
+        .map_or(0, |page| page["items"].as_array().map_or(0, Vec::len))
+}
+
+const AGENTS: [&str; 4] = ["k0", "k1", "k2", "k3"];
+
+/// 100 workflows (sequential and parallel, 3 steps each) over 4 agents.
+async fn submit_hundred(client: &reqwest::Client, base: &str) {
+    for n in 0..100 {
+        let pattern = if n % 2 == 0 { "parallel" } else { "sequential" };
+        let steps: Vec<Value> = (0..3)
+            .map(|i| json!({"step_id": format!("s{i}"), "agent": AGENTS[(n + i) % 4]}))
+            .collect();
+        let status = client
+            .post(format!("{base}/v1/workflows"))
+            .json(&json!({"name": format!("w{n}"), "pattern": pattern, "steps": steps}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 201);
+    }
+}
+
+/// The real binary, killed with SIGKILL in the middle of 100 concurrent workflows: after the
+/// restart every run completes, and no step completes twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflows_survive_kill_9_without_completing_a_step_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::harness::db_path(&dir);
+    let client = reqwest::Client::new();
+    let mut first = crate::harness::Process::start(&db, &[]).await;
+    let base = format!("http://{}", first.addr);
+    submit_hundred(&client, &base).await;
+    let mut answered = 0;
+    while answered < 150 {
+        for agent in AGENTS {
+            answered += agent_turn(&client, &base, agent).await;
+        }
+    }
+    first.child.kill().await.unwrap();
+
+    let second = crate::harness::Process::start(&db, &[]).await;
+    let base = format!("http://{}", second.addr);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while completed(&client, &base).await < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runs did not complete"
+        );
+        let mut moved = 0;
+        for agent in AGENTS {
+            moved += agent_turn(&client, &base, agent).await;
+        }
+        if moved == 0 {
+            // Messages claimed before the kill come back when their 1 s leases run out.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    let (steps, twice) = steps_completed_twice(&db).await;
+    assert_eq!((steps, twice), (300, 0));
+}
+
+/// Two instances over one database and one Redis: runs submitted to either complete with
+/// results posted to either, the same result raced to both is taken once, and no step completes
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_runs_without_double_transitions() {
+    let a = TestApp::spawn(crate::harness::Kind::Redis).await;
+    let redis = a
+        .redis
+        .as_ref()
+        .map(|r| (r.url.clone(), a.state.config.key_prefix.clone()));
+    let mut options = crate::harness::Options::new(crate::harness::Kind::Redis);
+    options.dir = Some(a.dir.clone());
+    options.redis_url = redis;
+    let b = TestApp::spawn_with(options).await;
+    let client = reqwest::Client::new();
+    let bases = [a.url(""), b.url("")];
+
+    // One result raced to both instances: exactly one wins.
+    let run = submit(
+        &a,
+        json!({"name": "race", "pattern": "parallel", "steps": [{"step_id": "s", "agent": "k0"}]}),
+    )
+    .await;
+    let step = take_step(&b, "k0").await;
+    let path = format!(
+        "/v1/workflows/{}/steps/s/result",
+        run["workflow_id"].as_str().unwrap()
+    );
+    let body = json!({"agent_id": "k0", "attempt": step["attempt"], "success": true});
+    let (first, second) = tokio::join!(a.post(&path, body.clone()), b.post(&path, body));
+    let mut statuses = [first.0, second.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409]);
+
+    for n in 0..40 {
+        let pattern = if n % 2 == 0 { "parallel" } else { "sequential" };
+        let steps: Vec<Value> = (0..3)
+            .map(|i| json!({"step_id": format!("s{i}"), "agent": AGENTS[(n + i) % 4]}))
+            .collect();
+        let status = client
+            .post(format!("{}/v1/workflows", bases[n % 2]))
+            .json(&json!({"name": format!("w{n}"), "pattern": pattern, "steps": steps}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 201);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut turn = 0;
+    while completed(&client, &bases[0]).await < 41 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runs did not complete"
+        );
+        for agent in AGENTS {
+            turn += 1;
+            agent_turn(&client, &bases[turn % 2], agent).await;
+        }
+    }
+    let (steps, twice) = steps_completed_twice(&crate::harness::db_path(&a.dir)).await;
+    assert_eq!((steps, twice), (121, 0));
+    b.stop().await;
+    a.stop().await;
+}
