@@ -78,6 +78,8 @@ pub struct Agent {
     pub capabilities: Vec<String>,
     /// `available`, `busy` or `offline` (not heard from within `ttl_s`).
     pub status: String,
+    /// Tasks in hand: the workflow steps it holds, or what its last heartbeat reported when
+    /// that is more.
     pub current_tasks: u32,
     pub max_concurrent_tasks: u32,
     pub ttl_s: u32,
@@ -230,7 +232,24 @@ pub async fn get(state: &AppState, agent_id: &str) -> Result<Agent> {
         .await?
         .pop()
         .flatten();
-    Ok(Agent::from_parts(row, presence))
+    let mut agent = [Agent::from_parts(row, presence)];
+    count_held(state, &mut agent).await?;
+    let [agent] = agent;
+    Ok(agent)
+}
+
+/// Raises each agent's `current_tasks` to the workflow steps it holds.
+async fn count_held(state: &AppState, agents: &mut [Agent]) -> Result<()> {
+    let ids: Vec<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
+    let held = crate::workflows::db::held(state.store.reader(), &ids).await?;
+    for (agent_id, steps) in held {
+        if let Some(agent) = agents.iter_mut().find(|a| a.agent_id == agent_id) {
+            agent.current_tasks = agent
+                .current_tasks
+                .max(u32::try_from(steps).unwrap_or(u32::MAX));
+        }
+    }
+    Ok(())
 }
 
 /// Filters of `GET /v1/agents`.
@@ -280,12 +299,14 @@ pub async fn list(state: &AppState, query: AgentQuery) -> Result<Page<Agent>> {
         cursor = last.agent_id.clone();
         let ids: Vec<&str> = rows.iter().map(|r| r.agent_id.as_str()).collect();
         let presence = state.broker.presence(&ids, now_ms()).await?;
-        items.extend(
-            rows.into_iter()
-                .zip(presence)
-                .map(|(row, p)| Agent::from_parts(row, p))
-                .filter(|a| query.status.as_ref().is_none_or(|s| *s == a.status)),
-        );
+        let mut agents: Vec<Agent> = rows
+            .into_iter()
+            .zip(presence)
+            .map(|(row, p)| Agent::from_parts(row, p))
+            .filter(|a| query.status.as_ref().is_none_or(|s| *s == a.status))
+            .collect();
+        count_held(state, &mut agents).await?;
+        items.extend(agents);
         if exhausted || items.len() > limit as usize {
             break;
         }
@@ -321,7 +342,10 @@ pub async fn heartbeat(state: &AppState, agent_id: &str, beat: Heartbeat) -> Res
         .broker
         .set_presence(agent_id, &presence, i64::from(row.ttl_s) * 1000)
         .await?;
-    Ok(Agent::from_parts(row, Some(presence)))
+    let mut agent = [Agent::from_parts(row, Some(presence))];
+    count_held(state, &mut agent).await?;
+    let [agent] = agent;
+    Ok(agent)
 }
 
 /// Removes an agent's record and presence. Its queued messages stay: messages may wait for an

@@ -136,7 +136,8 @@ pub async fn started(
 }
 
 /// Chooses the agent for a capability: available (present, status `available`), below its
-/// limit, with the lowest share of its limit held (ties: fewer held, then the id).
+/// limit, with the lowest share of its limit in hand (ties: fewer, then the id). In hand: the
+/// steps it holds, or what its heartbeat reports when that is more.
 async fn pick(
     tx: &mut Writer,
     state: &AppState,
@@ -152,17 +153,19 @@ async fn pick(
     Ok(candidates
         .iter()
         .zip(presence)
-        .filter(|((_, max, held), p)| {
-            held < max && p.as_ref().is_some_and(|p| p.status == "available")
+        .filter_map(|((id, max, held), p)| {
+            let p = p.filter(|p| p.status == "available")?;
+            let held = (*held).max(i64::from(p.current_tasks));
+            (held < *max).then_some((id, *max, held))
         })
-        .min_by(|((a_id, a_max, a_held), _), ((b_id, b_max, b_held), _)| {
+        .min_by(|(a_id, a_max, a_held), (b_id, b_max, b_held)| {
             // a_held / a_max < b_held / b_max, without floating point.
             (a_held * b_max)
                 .cmp(&(b_held * a_max))
                 .then(a_held.cmp(b_held))
                 .then(a_id.cmp(b_id))
         })
-        .map(|((id, _, _), _)| id.clone()))
+        .map(|(id, _, _)| id.clone()))
 }
 
 /// `previous_results` for a step's attempt: a JSON object of raw outputs — every earlier step's

@@ -348,6 +348,16 @@ both_brokers!(
         assert_eq!(holders, ["big", "small", "big", "-"]);
         assert_eq!(step_status(&run, "s4"), "waiting");
         assert_eq!(run["current_step"], "s1");
+        // current_tasks counts the steps each holds.
+        assert_eq!(app.get("/v1/agents/big").await.1["current_tasks"], 2);
+        let (_, listed) = app.get("/v1/agents?capability=lint").await;
+        let tasks: Vec<&Value> = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| &a["current_tasks"])
+            .collect();
+        assert_eq!(tasks, [&json!(2), &json!(1)]);
         // An agent at its limit never gets more; when one frees a slot, the waiting step goes there.
         let small = take_step(&app, "small").await;
         let (_, after) = answer(&app, "small", &small, true, json!(null)).await;
