@@ -259,13 +259,34 @@ pub async fn list_patterns(
 
 /// Per pattern type: (type, uses, successes, failures).
 pub async fn pattern_stats(pool: &SqlitePool) -> Result<Vec<(String, i64, i64, i64)>> {
-    let rows = sqlx::query(
-        "SELECT pattern_type, COUNT(*) AS uses,
-                COALESCE(SUM(success = 1), 0) AS successes, COALESCE(SUM(success = 0), 0) AS failures
-         FROM pattern GROUP BY pattern_type ORDER BY pattern_type",
+    stats_by(pool, "pattern_type", "1").await
+}
+
+/// (workflow pattern, runs, successes, failures) from the engine's orchestration records.
+pub async fn workflow_pattern_stats(pool: &SqlitePool) -> Result<Vec<(String, i64, i64, i64)>> {
+    stats_by(
+        pool,
+        "json_extract(metadata, '$.pattern')",
+        "pattern_type IN ('successful_orchestration', 'orchestration_failure')
+         AND json_extract(metadata, '$.pattern') IS NOT NULL",
     )
-    .fetch_all(pool)
-    .await?;
+    .await
+}
+
+/// Uses and outcomes of patterns matching `filter`, grouped by `key` (both fixed SQL).
+async fn stats_by(
+    pool: &SqlitePool,
+    key: &'static str,
+    filter: &'static str,
+) -> Result<Vec<(String, i64, i64, i64)>> {
+    let sql = format!(
+        "SELECT {key} AS pattern_type, COUNT(*) AS uses,
+                COALESCE(SUM(success = 1), 0) AS successes, COALESCE(SUM(success = 0), 0) AS failures
+         FROM pattern WHERE {filter} GROUP BY 1 ORDER BY 1"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await?;
     rows.iter()
         .map(|r| {
             Ok((

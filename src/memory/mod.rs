@@ -166,6 +166,9 @@ pub struct PatternTypeStats {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PatternStats {
     pub types: Vec<PatternTypeStats>,
+    /// Workflow runs by workflow pattern (`pattern_type` here is `sequential`, `parallel`, …),
+    /// from the `successful_orchestration` / `orchestration_failure` records the engine writes.
+    pub workflow_patterns: Vec<PatternTypeStats>,
 }
 
 fn validate_tags(tags: &[String]) -> Result<()> {

@@ -186,19 +186,23 @@ pub async fn patterns(
     responses((status = 200, body = PatternStats)))]
 pub async fn stats(State(state): State<AppState>, who: Principal) -> Result<Json<PatternStats>> {
     who.require_reader()?;
-    let types = db::pattern_stats(state.store.reader())
-        .await?
-        .into_iter()
-        .map(
-            |(pattern_type, uses, successes, failures)| PatternTypeStats {
-                pattern_type,
-                uses: uses as u64,
-                successes: successes as u64,
-                failures: failures as u64,
-                success_rate: (successes + failures > 0)
-                    .then(|| successes as f64 / (successes + failures) as f64),
-            },
-        )
-        .collect();
-    Ok(Json(PatternStats { types }))
+    let rows = |rows: Vec<(String, i64, i64, i64)>| {
+        rows.into_iter()
+            .map(
+                |(pattern_type, uses, successes, failures)| PatternTypeStats {
+                    pattern_type,
+                    uses: uses as u64,
+                    successes: successes as u64,
+                    failures: failures as u64,
+                    success_rate: (successes + failures > 0)
+                        .then(|| successes as f64 / (successes + failures) as f64),
+                },
+            )
+            .collect()
+    };
+    let reader = state.store.reader();
+    Ok(Json(PatternStats {
+        types: rows(db::pattern_stats(reader).await?),
+        workflow_patterns: rows(db::workflow_pattern_stats(reader).await?),
+    }))
 }

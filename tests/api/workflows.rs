@@ -259,6 +259,11 @@ both_brokers!(dag_failure_skips_dependants_only, |kind| async move {
         "{stats}"
     );
     assert_eq!(
+        stats["workflow_patterns"],
+        json!([{"pattern_type": "dependency_based", "uses": 1, "successes": 0, "failures": 1,
+                "success_rate": 0.0}])
+    );
+    assert_eq!(
         app.get(&format!("/v1/workflows/{id}")).await.1["status"],
         "failed"
     );
