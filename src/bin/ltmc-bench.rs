@@ -33,8 +33,20 @@
 //! - `checkpoint`: warm-up saves checkpoints (state: one `--payload-bytes`
 //!   string, default 64 KiB); the window alternates `save` with a `restore` of
 //!   a saved one, round-robin, and counts whether it came from cache or store.
+//! - `workflow`: first submits `--runs-held` (default 10000) one-step runs, at
+//!   `--concurrency`, for agents `{prefix}idle{k}` (1000 each) that nobody
+//!   claims for (`submit`); they stay executing (step timeout 1 h), and the end
+//!   counts those still listed as executing. Then `--agents` simulated agents,
+//!   each on its stream, claim (limit 32, auto-ack) on every `new_message`
+//!   frame and post every claimed step's result at once, `--concurrency`
+//!   results in flight in all. The window submits workflows (`--rate`
+//!   workflows/s): four of five are parallel, `--steps` steps spread over the
+//!   agents; the fifth is sequential, 5 steps alternating between two agents.
+//!   `step` runs from the submit's answer to the accepted result (parallel
+//!   steps); `handover` from just before a sequential step's result POST to
+//!   the next step's `new_message` frame on the other agent's stream.
 //!
-//! The last three run like `send`: `--concurrency` workers back to back, or
+//! The last four run like `send`: `--concurrency` workers back to back, or
 //! open loop at `--rate`.
 //!
 //! A row's `ok` and latencies cover operations *started* in the measured window;
@@ -53,6 +65,7 @@
 //! ltmc-bench handoff --agents 100 --rate 500
 //! ltmc-bench session --concurrency 32
 //! ltmc-bench checkpoint --rate 500 --payload-bytes 1048576
+//! ltmc-bench workflow --rate 200 --runs-held 2000
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -68,7 +81,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http};
@@ -80,6 +93,15 @@ const OPEN_LIMIT: Duration = Duration::from_secs(60);
 const CLAIM_LIMIT: usize = 32;
 const MIN_POLL: Duration = Duration::from_millis(1);
 const MAX_POLL: Duration = Duration::from_millis(20);
+/// Workflow: an agent claims this long after its last claim even without a frame.
+const WAKE_FALLBACK: Duration = Duration::from_secs(1);
+/// Workflow: held runs per idle agent (an agent's queue holds 10 000 by default).
+const HELD_PER_AGENT: usize = 1000;
+/// Workflow: a held step's timeout, the longest the server allows.
+const HELD_TIMEOUT_MS: u64 = 3_600_000;
+/// Workflow: every fifth workflow is sequential, of this many steps.
+const SEQUENTIAL_EVERY: u64 = 5;
+const SEQUENTIAL_STEPS: usize = 5;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Stop = watch::Receiver<bool>;
@@ -102,14 +124,15 @@ struct Args {
     /// Measured seconds of load (connections: seconds to hold the streams).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     duration_s: u64,
-    /// Offered messages (operations)/s in total, 0 = as fast as possible [default: 0, notify: 1000].
+    /// Offered messages (operations, workflow: workflows)/s in total, 0 = as fast as possible
+    /// [default: 0, notify: 1000].
     #[arg(long)]
     rate: Option<u64>,
-    /// HTTP requests in flight from producers; also caps acks in flight,
-    /// parallel registrations and parallel stream handshakes.
+    /// HTTP requests in flight from producers; also caps acks (workflow: step
+    /// results) in flight, parallel registrations and parallel stream handshakes.
     #[arg(long, default_value_t = 64, value_parser = positive())]
     concurrency: usize,
-    /// Recipient agents (send, roundtrip, handoff).
+    /// Recipient agents (send, roundtrip, handoff; workflow: simulated agents, one stream each).
     #[arg(long, default_value_t = 100, value_parser = positive())]
     agents: usize,
     /// Length in bytes of each message's content string (checkpoint: state
@@ -125,6 +148,12 @@ struct Args {
     /// Pid of the server process, to report its RSS (connections).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Steps of each parallel workflow (workflow).
+    #[arg(long, default_value_t = 10, value_parser = positive())]
+    steps: usize,
+    /// Runs to submit and leave executing before the window, 0 = none (workflow) [default: 10000].
+    #[arg(long)]
+    runs_held: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -136,6 +165,7 @@ enum Scenario {
     Handoff,
     Session,
     Checkpoint,
+    Workflow,
 }
 
 /// One table row: operations started in the measured window, and the
@@ -241,6 +271,46 @@ struct Frame {
     message_id: String,
     #[serde(default)]
     handoff_id: String,
+    /// A workflow step's workflow id (null for other messages).
+    #[serde(default)]
+    correlation_id: Option<String>,
+}
+
+/// Workflow: a claimed message, auto-acked.
+#[derive(Deserialize)]
+struct Delivered {
+    message_type: String,
+    #[serde(default)]
+    content: Value,
+}
+
+#[derive(Deserialize)]
+struct Delivery {
+    messages: Vec<Delivered>,
+}
+
+/// The content of a `workflow.step` message.
+#[derive(Deserialize)]
+struct StepMessage {
+    workflow_id: String,
+    step_id: String,
+    attempt: i64,
+    #[serde(default)]
+    input: Value,
+}
+
+/// The part of a Workflow the bench reads.
+#[derive(Deserialize)]
+struct Run {
+    workflow_id: String,
+}
+
+/// Workflow: the half of a parallel run's story heard first, the submit's
+/// answer (when, whether it counts, steps not yet answered) or results
+/// accepted before it was read.
+enum Dispatch {
+    Answered(Instant, bool, usize),
+    Early(Vec<Instant>),
 }
 
 /// What the run measures and counts, shared by all its tasks.
@@ -270,6 +340,22 @@ struct Stats {
     ids: Mutex<Vec<String>>,
     /// Checkpoint restores by `source`.
     sources: Mutex<BTreeMap<String, u64>>,
+    /// Workflow: held runs submitted, step results, steps of parallel runs, handovers.
+    held: Row,
+    result: Row,
+    step: Row,
+    handover: Row,
+    /// Workflow: parallel runs by id, until every step is answered.
+    runs: Mutex<HashMap<String, Dispatch>>,
+    /// Workflow: sequential runs by id whose step result is out: the agent
+    /// (index) of the next step, the POST's start and whether it counts.
+    handovers: Mutex<HashMap<String, (usize, Instant, bool)>>,
+    /// Workflow: one per agent, notified by its stream's `new_message` frames.
+    wake: Vec<Notify>,
+    /// Workflow: results accepted in the window; runs whose every result was
+    /// accepted, warm-up and drain included.
+    answered: AtomicU64,
+    completed: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -310,7 +396,7 @@ impl Bench {
         // Keep as many idle connections as requests can be in flight, so that
         // connections are reused instead of churned through TIME_WAIT.
         let in_flight = match args.scenario {
-            Scenario::Roundtrip => 2 * args.concurrency + args.agents,
+            Scenario::Roundtrip | Scenario::Workflow => 2 * args.concurrency + args.agents,
             Scenario::Handoff => 2 * args.concurrency,
             _ => args.concurrency,
         };
@@ -322,7 +408,7 @@ impl Bench {
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {}", cause(&e)))?;
         let (rate, targets) = match args.scenario {
-            Scenario::Send | Scenario::Roundtrip | Scenario::Handoff => {
+            Scenario::Send | Scenario::Roundtrip | Scenario::Handoff | Scenario::Workflow => {
                 (args.rate.unwrap_or(0), args.agents)
             }
             Scenario::Session | Scenario::Checkpoint => (args.rate.unwrap_or(0), args.agents),
@@ -335,7 +421,10 @@ impl Bench {
         };
         let base = args.url.trim_end_matches('/').to_owned();
         let sender = format!("{prefix}sender");
-        let (seed, st) = (mix(now.as_nanos() as u64), Stats::default());
+        let (seed, mut st) = (mix(now.as_nanos() as u64), Stats::default());
+        if args.scenario == Scenario::Workflow {
+            st.wake = (0..targets).map(|_| Notify::new()).collect();
+        }
         Ok(Bench {
             args,
             base,
@@ -361,6 +450,7 @@ impl Bench {
             Scenario::Handoff => ["initiate", "offer→accept"],
             Scenario::Session => ["create", "activity"],
             Scenario::Checkpoint => ["save", "restore"],
+            Scenario::Workflow => ["workflow", "workflow"],
             _ => ["send", "send"],
         }
     }
@@ -522,6 +612,7 @@ impl Bench {
         row.begin(counted);
         let result = match (self.args.scenario, reuse) {
             (Scenario::Handoff, _) => self.initiate(i, counted).await,
+            (Scenario::Workflow, _) => self.submit(i, counted).await,
             (Scenario::Session, false) => {
                 let body = json!({"session_type": "bench"});
                 let reply = self.post_json("/v1/sessions", &body).await;
@@ -656,6 +747,249 @@ impl Bench {
         }
     }
 
+    /// Workflow: submits `n` one-step runs for agents nobody claims for,
+    /// `--concurrency` at a time. Returns the seconds taken.
+    async fn hold(&self, n: usize) -> f64 {
+        eprintln!("submitting {n} held runs");
+        let (start, name) = (Instant::now(), format!("{}held", self.prefix));
+        stream::iter(0..n)
+            .map(|k| {
+                let agent = format!("{}idle{}", self.prefix, k / HELD_PER_AGENT);
+                let step = json!({"step_id": "wait", "agent": agent, "input": {},
+                    "timeout_ms": HELD_TIMEOUT_MS});
+                let body = json!({"name": name, "pattern": "parallel", "steps": [step]});
+                async move {
+                    let t = Instant::now();
+                    self.st.held.begin(true);
+                    match self.post_json::<Run>("/v1/workflows", &body).await {
+                        Ok(_) => self.st.held.done(true, t.elapsed()),
+                        Err(e) => self.fail("submit", e),
+                    }
+                }
+            })
+            .buffer_unordered(self.args.concurrency)
+            .for_each(|()| async {})
+            .await;
+        start.elapsed().as_secs_f64()
+    }
+
+    /// Workflow: how many held runs the server lists as executing, paging
+    /// newest first until all `submitted` are found; `None` if listing fails.
+    async fn count_held(&self, submitted: u64) -> Option<u64> {
+        let name = format!("{}held", self.prefix);
+        let (mut found, mut cursor) = (0, None);
+        loop {
+            let mut path = "/v1/workflows?status=executing&limit=500".to_owned();
+            if let Some(cursor) = cursor {
+                path = format!("{path}&cursor={cursor}");
+            }
+            let page = match self.get_json(&path).await {
+                Ok(page) => page,
+                Err(e) => {
+                    self.fail("list", e);
+                    return None;
+                }
+            };
+            let items = page.get("items").and_then(Value::as_array).into_iter();
+            let held = |r: &&Value| r.get("name").and_then(Value::as_str) == Some(&name);
+            found += items.flatten().filter(held).count() as u64;
+            cursor = page
+                .get("next_cursor")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if found >= submitted || cursor.is_none() {
+                return Some(found);
+            }
+        }
+    }
+
+    /// Workflow: submits workflow `i`: every fifth sequential, alternating
+    /// between two agents, the others parallel, spread over the agents.
+    async fn submit(&self, i: u64, counted: bool) -> Result<(), String> {
+        let n = self.targets;
+        let sequential = i % SEQUENTIAL_EVERY == SEQUENTIAL_EVERY - 1;
+        let (pattern, steps): (_, Vec<Value>) = if sequential {
+            let first = (mix(self.seed ^ i) % n as u64) as usize;
+            let pair = [first, (first + 1) % n];
+            let step = |s: usize| {
+                // The answering agent learns the next step's agent from the input.
+                let next = (s + 1 < SEQUENTIAL_STEPS).then(|| pair[(s + 1) % 2]);
+                json!({"step_id": format!("s{s}"), "agent": self.agent(pair[s % 2]),
+                    "input": {"next": next}})
+            };
+            ("sequential", (0..SEQUENTIAL_STEPS).map(step).collect())
+        } else {
+            let first = i as usize * self.args.steps;
+            let step = |s: usize| {
+                json!({"step_id": format!("s{s}"), "agent": self.agent((first + s) % n),
+                    "input": {}})
+            };
+            ("parallel", (0..self.args.steps).map(step).collect())
+        };
+        let (name, n_steps) = (format!("{}{pattern}", self.prefix), steps.len());
+        let body = json!({"name": name, "pattern": pattern, "steps": steps});
+        let resp = self.post("/v1/workflows", &body).await?;
+        let answered = Instant::now();
+        let run: Run = resp
+            .json()
+            .await
+            .map_err(|e| format!("bad reply: {}", cause(&e)))?;
+        self.st.accepted.fetch_add(1, Relaxed);
+        self.st.pending.fetch_add(n_steps as i64, Relaxed);
+        if !sequential {
+            self.dispatched(run.workflow_id, answered, counted, n_steps);
+        }
+        Ok(())
+    }
+
+    /// Workflow: the submit of a parallel run answered at `at`; its steps'
+    /// latencies run from there, also those of results accepted before.
+    fn dispatched(&self, run: String, at: Instant, counted: bool, steps: usize) {
+        if counted {
+            lock(&self.st.step.0).started += steps as u64;
+        }
+        let mut runs = lock(&self.st.runs);
+        let early = match runs.remove(&run) {
+            Some(Dispatch::Early(early)) => early,
+            _ => Vec::new(),
+        };
+        for done in &early {
+            self.st
+                .step
+                .done(counted, done.saturating_duration_since(at));
+        }
+        if early.len() < steps {
+            runs.insert(run, Dispatch::Answered(at, counted, steps - early.len()));
+        } else {
+            self.st.completed.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Workflow: a parallel run's step result accepted at `at`.
+    fn step_done(&self, run: &str, at: Instant) {
+        let mut runs = lock(&self.st.runs);
+        match runs.get_mut(run) {
+            Some(Dispatch::Answered(start, counted, left)) => {
+                self.st
+                    .step
+                    .done(*counted, at.saturating_duration_since(*start));
+                *left -= 1;
+                if *left == 0 {
+                    runs.remove(run);
+                    self.st.completed.fetch_add(1, Relaxed);
+                }
+            }
+            Some(Dispatch::Early(early)) => early.push(at),
+            None => {
+                runs.insert(run.to_owned(), Dispatch::Early(vec![at]));
+            }
+        }
+    }
+
+    /// Workflow: a `new_message` frame on agent `i`'s stream wakes its claims,
+    /// and ends the handover to it if one is out for that run.
+    fn woken(&self, i: usize, run: Option<String>, at: Instant) {
+        if let Some(wake) = self.st.wake.get(i) {
+            wake.notify_one();
+        }
+        let Some(run) = run else { return };
+        let mut handovers = lock(&self.st.handovers);
+        if let Some(&(next, start, counted)) = handovers.get(&run)
+            && next == i
+        {
+            handovers.remove(&run);
+            drop(handovers);
+            self.st
+                .handover
+                .done(counted, at.saturating_duration_since(start));
+        }
+    }
+
+    /// Workflow: agent `i` claims when woken (by a frame, or after a second
+    /// without one), again at once after a full batch, and answers every
+    /// claimed step concurrently, until `stop`.
+    async fn work(self: Arc<Self>, w: Window, i: usize, results: Arc<Semaphore>, mut stop: Stop) {
+        let path = format!("/v1/agents/{}/messages/claim", self.agent(i));
+        let body = json!({"limit": CLAIM_LIMIT, "auto_ack": true});
+        let mut answers = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = timeout(WAKE_FALLBACK, self.st.wake[i].notified()) => {}
+            }
+            loop {
+                let t = Instant::now();
+                self.st.claim.begin(w.counts(t));
+                let messages = match self.post_json::<Delivery>(&path, &body).await {
+                    Ok(delivery) => {
+                        self.st.claim.done(w.counts(t), t.elapsed());
+                        delivery.messages
+                    }
+                    Err(e) => {
+                        self.fail("claim", e);
+                        break;
+                    }
+                };
+                let n = messages.len();
+                for m in messages {
+                    answers.spawn(self.clone().answer(w, i, m, results.clone()));
+                }
+                while answers.try_join_next().is_some() {}
+                if n < CLAIM_LIMIT {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Workflow: agent `i` posts the (successful) result of a claimed step.
+    async fn answer(self: Arc<Self>, w: Window, i: usize, m: Delivered, results: Arc<Semaphore>) {
+        if m.message_type != "workflow.step" {
+            return;
+        }
+        let step = match serde_json::from_value::<StepMessage>(m.content) {
+            Ok(step) => step,
+            Err(e) => return self.fail("claim", format!("bad workflow.step content: {e}")),
+        };
+        let _permit = results.acquire().await;
+        let (agent, run) = (self.agent(i), &step.workflow_id);
+        let path = format!("/v1/workflows/{run}/steps/{}/result", step.step_id);
+        let body = json!({"agent_id": agent, "attempt": step.attempt, "success": true,
+            "output": {"by": agent}});
+        // Sequential steps name the next step's agent (null for the last).
+        let sequential = step.input.get("next").is_some();
+        let next = step.input.get("next").and_then(Value::as_u64);
+        let t = Instant::now();
+        let counted = w.counts(t);
+        if let Some(next) = next {
+            self.st.handover.begin(counted);
+            let out = (next as usize, t, counted);
+            lock(&self.st.handovers).insert(run.clone(), out);
+        }
+        self.st.result.begin(counted);
+        match self.post_json::<Run>(&path, &body).await {
+            Ok(_) => {
+                let at = Instant::now();
+                self.st.result.done(counted, at - t);
+                self.st.pending.fetch_sub(1, Relaxed);
+                if w.counts(at) {
+                    self.st.answered.fetch_add(1, Relaxed);
+                }
+                if !sequential {
+                    self.step_done(run, at);
+                } else if next.is_none() {
+                    self.st.completed.fetch_add(1, Relaxed);
+                }
+            }
+            Err(e) => {
+                self.fail("result", e);
+                if next.is_some() {
+                    lock(&self.st.handovers).remove(run);
+                }
+            }
+        }
+    }
+
     /// Opens streams to agents `0..n`, `--concurrency` handshakes at a time,
     /// for at most a minute. Returns the tasks that then read them until
     /// `stop`, and the time taken.
@@ -669,19 +1003,19 @@ impl Bench {
             handshakes.spawn(async move {
                 let _permit = gate.acquire().await;
                 let t = Instant::now();
-                (b.connect(&b.agent(i)).await, t.elapsed())
+                (i, b.connect(&b.agent(i)).await, t.elapsed())
             });
         }
         lock(&self.st.connect.0).started = n as u64;
         let mut readers = JoinSet::new();
         while let Ok(Some(joined)) = timeout_at(start + OPEN_LIMIT, handshakes.join_next()).await {
             match joined {
-                Ok((Ok(ws), took)) => {
+                Ok((i, Ok(ws), took)) => {
                     self.st.connect.done(true, took);
                     self.st.open_streams.fetch_add(1, Relaxed);
-                    readers.spawn(self.clone().read(ws, stop.clone()));
+                    readers.spawn(self.clone().read(ws, i, stop.clone()));
                 }
-                Ok((Err(e), _)) => self.fail("stream connect", e),
+                Ok((_, Err(e), _)) => self.fail("stream connect", e),
                 Err(e) => self.fail("stream connect", e.to_string()),
             }
         }
@@ -707,10 +1041,10 @@ impl Bench {
         }
     }
 
-    /// Reads a stream until `stop`; reading also answers the server's pings.
-    async fn read(self: Arc<Self>, mut ws: Ws, mut stop: Stop) {
-        let handoff = self.args.scenario == Scenario::Handoff;
-        let wanted = if handoff {
+    /// Reads agent `i`'s stream until `stop`; reading also answers the server's pings.
+    async fn read(self: Arc<Self>, mut ws: Ws, i: usize, mut stop: Stop) {
+        let scenario = self.args.scenario;
+        let wanted = if scenario == Scenario::Handoff {
             "handoff.offered"
         } else {
             "new_message"
@@ -728,12 +1062,11 @@ impl Bench {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<Frame>(&text) {
                     Ok(frame) if frame.kind == wanted => {
                         self.st.frames.fetch_add(1, Relaxed);
-                        let id = if handoff {
-                            frame.handoff_id
-                        } else {
-                            frame.message_id
-                        };
-                        self.meet(id, Seen::Frame(at));
+                        match scenario {
+                            Scenario::Workflow => self.woken(i, frame.correlation_id, at),
+                            Scenario::Handoff => self.meet(frame.handoff_id, Seen::Frame(at)),
+                            _ => self.meet(frame.message_id, Seen::Frame(at)),
+                        }
                     }
                     _ => {}
                 },
@@ -883,6 +1216,63 @@ async fn operations(b: Arc<Bench>) -> Result<(), String> {
     Ok(())
 }
 
+/// `workflow`.
+async fn workflows(b: Arc<Bench>) -> Result<(), String> {
+    let n = b.targets;
+    b.register(n).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let (streams, open_secs) = b.open_streams(n, &stop_rx).await;
+    let open = b.st.open_streams.load(Relaxed);
+    if open < n {
+        return Err(format!("only {open} of {n} streams opened"));
+    }
+    let held = b.args.runs_held.unwrap_or(10_000);
+    let held_secs = if held > 0 { b.hold(held).await } else { 0.0 };
+    let w = Window::new(b.args.duration_s);
+    let results = Arc::new(Semaphore::new(b.args.concurrency));
+    let agents: JoinSet<()> = (0..n)
+        .map(|i| b.clone().work(w, i, results.clone(), stop_rx.clone()))
+        .collect();
+    b.produce_all(w).await;
+    while b.st.pending.load(Relaxed) > 0 && Instant::now() < w.end + DRAIN {
+        sleep(Duration::from_millis(10)).await;
+    }
+    let still_open = b.st.open_streams.load(Relaxed);
+    let _ = stop.send(true);
+    let _ = timeout(Duration::from_secs(1), agents.join_all()).await;
+    let _ = timeout(Duration::from_secs(1), streams.join_all()).await;
+    let submitted = lock(&b.st.held.0).ok;
+    let listing = Instant::now();
+    let executing = match submitted {
+        0 => Some(0),
+        _ => b.count_held(submitted).await,
+    };
+    let (st, secs) = (&b.st, w.secs());
+    header();
+    row("connect", &st.connect, open_secs);
+    if held > 0 {
+        row("submit", &st.held, held_secs);
+    }
+    row(b.rows()[0], &st.send, secs);
+    row("claim", &st.claim, secs);
+    row("result", &st.result, secs);
+    row("step", &st.step, secs);
+    row("handover", &st.handover, secs);
+    let (answered, completed) = (st.answered.load(Relaxed), st.completed.load(Relaxed));
+    let (runs, rate) = (st.accepted.load(Relaxed), answered as f64 / secs);
+    print!("steps: {answered} results accepted in the window, {rate:.1} steps/s end to end; ");
+    println!("{completed} of {runs} workflows completed, warm-up and drain included");
+    let took = listing.elapsed().as_secs_f64();
+    match executing {
+        Some(found) => println!(
+            "held: {found} of {submitted} held runs still executing at the end (listed in {took:.2} s)"
+        ),
+        None => println!("held: {submitted} runs submitted, cannot list executing runs"),
+    }
+    println!("streams: {still_open} of {n} still open at the end");
+    Ok(())
+}
+
 fn header() {
     println!(
         "measure            ok   errors     secs   rate/s   p50 ms   p99 ms  p999 ms   max ms"
@@ -960,6 +1350,9 @@ async fn run(args: Args) -> Result<(), String> {
     let load = match b.rate {
         _ if a.scenario == Scenario::Connections => "idle".to_owned(),
         0 => format!("max rate, concurrency {}", a.concurrency),
+        r if a.scenario == Scenario::Workflow => {
+            format!("{r} workflows/s, concurrency {}", a.concurrency)
+        }
         r if b.payload > 0 && b.rows()[0] == "send" => {
             format!("{r} msg/s, concurrency {}", a.concurrency)
         }
@@ -972,6 +1365,7 @@ async fn run(args: Args) -> Result<(), String> {
         Scenario::Notify | Scenario::Handoff => notify(b.clone()).await,
         Scenario::Session | Scenario::Checkpoint => operations(b.clone()).await,
         Scenario::Connections => connections(b.clone()).await,
+        Scenario::Workflow => workflows(b.clone()).await,
     };
     for (what, count) in lock(&b.st.errors).iter() {
         println!("{count:>9} errors  {what}");

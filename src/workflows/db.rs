@@ -578,7 +578,8 @@ pub async fn due(conn: &mut SqliteConnection, now: i64, limit: u32) -> Result<Ve
 /// The oldest waiting steps (a held step just ended: one may now find an agent).
 pub async fn waiting(conn: &mut SqliteConnection, limit: u32) -> Result<Vec<StepRow>> {
     let sql = format!(
-        "SELECT {STEP_COLUMNS} FROM workflow_step WHERE status = 'waiting'
+        "SELECT {STEP_COLUMNS} FROM workflow_step
+         WHERE status = 'waiting' AND due_at IS NOT NULL -- (the partial index)
          ORDER BY due_at LIMIT ?"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
