@@ -43,6 +43,8 @@ pub struct AppState {
     pub stream_slots: Arc<StreamSlots>,
     /// Where sends, acks and claims queue for their batched turn on the write connection.
     pub batcher: messages::batch::Batcher,
+    /// Where workflow step results queue for theirs.
+    pub results: workflows::batch::Batcher,
     /// Cancelled when the service stops: loops and streams select on it.
     pub shutdown: CancellationToken,
     /// Streams and loops hold a token of it, so shutdown can wait for them.
@@ -54,6 +56,7 @@ pub struct App {
     state: AppState,
     listener: TcpListener,
     committer: messages::batch::Committer,
+    results: workflows::batch::Committer,
 }
 
 impl App {
@@ -86,6 +89,7 @@ impl App {
             broker.clone(),
             config.limits.max_queued_per_agent,
         );
+        let (result_batcher, results) = workflows::batch::channel();
         let state = AppState {
             config: Arc::new(config),
             store,
@@ -93,6 +97,7 @@ impl App {
             hub: Hub::new(last_seq),
             stream_slots: Arc::default(),
             batcher,
+            results: result_batcher,
             shutdown,
             tracker: TaskTracker::new(),
         };
@@ -100,6 +105,7 @@ impl App {
             state,
             listener,
             committer,
+            results,
         })
     }
 
@@ -120,14 +126,16 @@ impl App {
             state,
             listener,
             committer,
+            results,
         } = self;
         let shutdown = state.shutdown.clone();
         let tracker = state.tracker.clone();
-        // Stop order: the server (in-flight requests finish) → the committer (their commits) →
+        // Stop order: the server (in-flight requests finish) → the committers (their commits) →
         // streams and the background loop (the tracker) → the publisher, which flushes every
         // event committed before it stops.
         let stop_committing = CancellationToken::new();
         let committing = tokio::spawn(committer.run(stop_committing.clone()));
+        let committing_results = tokio::spawn(results.run(state.clone(), stop_committing.clone()));
         let stop_publishing = CancellationToken::new();
         let publishing = {
             let (broker, hub, token) = (
@@ -158,6 +166,9 @@ impl App {
         stop_committing.cancel();
         if let Err(e) = committing.await {
             tracing::error!(error = %e, "the committer failed");
+        }
+        if let Err(e) = committing_results.await {
+            tracing::error!(error = %e, "the step result committer failed");
         }
         tracker.close();
         tracker.wait().await;

@@ -238,6 +238,49 @@ pub async fn step_by_id(
     row.as_ref().map(step_from_row).transpose()
 }
 
+/// A step with its run, in one query (the result path).
+pub async fn run_and_step(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    step_id: &str,
+) -> Result<Option<(RunRow, StepRow)>> {
+    let step_columns: String = STEP_COLUMNS
+        .split(',')
+        .map(|c| format!("s.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT {step_columns}, w.seq AS run_seq, w.name AS run_name, w.description, w.pattern,
+                w.metadata, w.status AS run_status, w.steps_total, w.steps_done, w.steps_failed,
+                w.created_at, w.finished_at AS run_finished_at
+         FROM workflow_step s JOIN workflow w ON w.workflow_id = s.workflow_id
+         WHERE s.workflow_id = ? AND s.step_id = ?"
+    );
+    let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .bind(step_id)
+        .fetch_optional(conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let run = RunRow {
+        seq: row.try_get("run_seq")?,
+        workflow_id: row.try_get("workflow_id")?,
+        name: row.try_get("run_name")?,
+        description: row.try_get("description")?,
+        pattern: row.try_get("pattern")?,
+        metadata: row.try_get("metadata")?,
+        status: row.try_get("run_status")?,
+        steps_total: row.try_get("steps_total")?,
+        steps_done: row.try_get("steps_done")?,
+        steps_failed: row.try_get("steps_failed")?,
+        created_at: row.try_get("created_at")?,
+        finished_at: row.try_get("run_finished_at")?,
+    };
+    Ok(Some((run, step_from_row(&row)?)))
+}
+
 /// The steps of a run at the given indexes that are still in `status`.
 pub async fn steps_in(
     conn: &mut SqliteConnection,
@@ -297,52 +340,75 @@ pub async fn outputs(
     Ok(out)
 }
 
-/// Puts an attempt out: `from` → `dispatched` with the attempt number, holder and deadline.
-pub async fn dispatch(
-    conn: &mut SqliteConnection,
-    step: &StepRow,
-    agent_id: &str,
-    handoff_id: Option<&str>,
-    now: i64,
-) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE workflow_step SET status = 'dispatched', agent_id = ?, attempts = attempts + 1,
-             due_at = ?, started_at = COALESCE(started_at, ?), handoff_id = COALESCE(?, handoff_id)
-         WHERE workflow_id = ? AND idx = ? AND status = ? AND attempts = ?",
-    )
-    .bind(agent_id)
-    .bind(now + step.timeout_ms)
-    .bind(now)
-    .bind(handoff_id)
-    .bind(&step.workflow_id)
-    .bind(step.idx)
-    .bind(&step.status)
-    .bind(step.attempts)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+/// One step put out by [`dispatch`].
+pub struct Dispatch<'a> {
+    pub idx: i64,
+    /// The attempts it had made before this one.
+    pub attempts: i64,
+    pub agent_id: &'a str,
+    pub handoff_id: Option<&'a str>,
 }
 
-/// Moves a step from `from` (at attempt `attempts`) to `to`, with when it is next due.
-pub async fn set_status(
+/// Puts the next attempt of ready (`pending` or `waiting`) steps out, 250 a statement: status,
+/// holder, attempt number, deadline. Returns how many moved.
+pub async fn dispatch(
     conn: &mut SqliteConnection,
-    step: &StepRow,
-    to: &str,
-    due_at: Option<i64>,
-) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE workflow_step SET status = ?, due_at = ?
-         WHERE workflow_id = ? AND idx = ? AND status = ? AND attempts = ?",
-    )
-    .bind(to)
-    .bind(due_at)
-    .bind(&step.workflow_id)
-    .bind(step.idx)
-    .bind(&step.status)
-    .bind(step.attempts)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    workflow_id: &str,
+    moves: &[Dispatch<'_>],
+    now: i64,
+) -> Result<u64> {
+    let mut moved = 0;
+    for chunk in moves.chunks(250) {
+        let mut update = QueryBuilder::new(
+            "UPDATE workflow_step SET status = 'dispatched', agent_id = v.column3,
+                 attempts = attempts + 1, due_at = ",
+        );
+        update
+            .push_bind(now)
+            .push(" + timeout_ms, started_at = COALESCE(started_at, ")
+            .push_bind(now)
+            .push("), handoff_id = COALESCE(v.column4, handoff_id) FROM (");
+        update.push_values(chunk, |mut row, m| {
+            row.push_bind(m.idx)
+                .push_bind(m.attempts)
+                .push_bind(m.agent_id)
+                .push_bind(m.handoff_id);
+        });
+        update
+            .push(") AS v WHERE workflow_step.workflow_id = ")
+            .push_bind(workflow_id)
+            .push(
+                " AND workflow_step.idx = v.column1 AND workflow_step.attempts = v.column2
+                  AND workflow_step.status IN ('pending', 'waiting')",
+            );
+        moved += update.build().execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(moved)
+}
+
+/// Leaves ready steps `waiting` for an agent, looked at again at `due_at`.
+pub async fn set_waiting(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idxs: &[i64],
+    due_at: i64,
+) -> Result<()> {
+    for chunk in idxs.chunks(500) {
+        let mut update =
+            QueryBuilder::new("UPDATE workflow_step SET status = 'waiting', due_at = ");
+        update
+            .push_bind(due_at)
+            .push(" WHERE status IN ('pending', 'waiting') AND workflow_id = ")
+            .push_bind(workflow_id)
+            .push(" AND idx IN (");
+        let mut list = update.separated(", ");
+        for idx in chunk {
+            list.push_bind(*idx);
+        }
+        update.push(")");
+        update.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// Ends an attempt of a dispatched step: `to` is final (`succeeded`, `failed`, `timed_out`) or

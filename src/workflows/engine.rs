@@ -14,7 +14,7 @@
 //!   learning records (a memory, a `successful_orchestration` / `orchestration_failure` pattern,
 //!   `precedes` graph edges).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
@@ -129,43 +129,50 @@ pub async fn started(
             ready
         }
     };
-    for step in ready {
-        dispatch(tx, state, run, step, now).await?;
-    }
+    dispatch(tx, state, run, ready, now).await?;
     Ok(())
 }
 
-/// Chooses the agent for a capability: available (present, status `available`), below its
-/// limit, with the lowest share of its limit in hand (ties: fewer, then the id). In hand: the
-/// steps it holds, or what its heartbeat reports when that is more.
-async fn pick(
+/// An agent that may take a capability's steps: (agent_id, max_concurrent_tasks, in hand).
+type Candidate = (String, i64, i64);
+
+/// The available agents (present, status `available`) with a capability and what each has in
+/// hand: the steps it holds, or what its heartbeat reports when that is more.
+async fn candidates(
     tx: &mut Writer,
     state: &AppState,
     capability: &str,
     now: i64,
-) -> Result<Option<String>> {
-    let candidates = db::capable(tx.conn(), capability).await?;
-    if candidates.is_empty() {
-        return Ok(None);
+) -> Result<Vec<Candidate>> {
+    let capable = db::capable(tx.conn(), capability).await?;
+    if capable.is_empty() {
+        return Ok(Vec::new());
     }
-    let ids: Vec<&str> = candidates.iter().map(|(id, _, _)| id.as_str()).collect();
+    let ids: Vec<&str> = capable.iter().map(|(id, _, _)| id.as_str()).collect();
     let presence = state.broker.presence(&ids, now).await?;
-    Ok(candidates
-        .iter()
+    Ok(capable
+        .into_iter()
         .zip(presence)
         .filter_map(|((id, max, held), p)| {
             let p = p.filter(|p| p.status == "available")?;
-            let held = (*held).max(i64::from(p.current_tasks));
-            (held < *max).then_some((id, *max, held))
+            Some((id, max, held.max(i64::from(p.current_tasks))))
         })
-        .min_by(|(a_id, a_max, a_held), (b_id, b_max, b_held)| {
-            // a_held / a_max < b_held / b_max, without floating point.
-            (a_held * b_max)
-                .cmp(&(b_held * a_max))
-                .then(a_held.cmp(b_held))
+        .collect())
+}
+
+/// The candidate below its limit with the lowest share of it in hand (ties: fewer in hand, then
+/// the id), never one at its limit.
+fn least_loaded(pool: &[Candidate]) -> Option<String> {
+    pool.iter()
+        .filter(|(_, max, in_hand)| in_hand < max)
+        .min_by(|(a_id, a_max, a_in), (b_id, b_max, b_in)| {
+            // a_in / a_max < b_in / b_max, without floating point.
+            (a_in * b_max)
+                .cmp(&(b_in * a_max))
+                .then(a_in.cmp(b_in))
                 .then(a_id.cmp(b_id))
         })
-        .map(|(id, _, _)| id.clone()))
+        .map(|(id, _, _)| id.clone())
 }
 
 /// `previous_results` for a step's attempt: a JSON object of raw outputs — every earlier step's
@@ -207,102 +214,195 @@ async fn previous_results(tx: &mut Writer, run: &RunRow, step: &StepRow) -> Resu
     Ok(object)
 }
 
-/// Puts the next attempt of a ready step (`pending` or `waiting`) out to an agent, or leaves it
-/// `waiting` when none is free. Returns whether it went out.
+/// Puts the next attempt of ready steps of one run (`pending` or `waiting`) out to agents, in
+/// a few statements for all of them; those without a free agent (or whose agent's queue is
+/// full) are left `waiting`. Returns how many went out.
 pub async fn dispatch(
     tx: &mut Writer,
     state: &AppState,
     run: &RunRow,
-    step: StepRow,
+    steps: Vec<StepRow>,
     now: i64,
-) -> Result<bool> {
-    let agent = match (&step.agent, &step.capability) {
-        (Some(agent), _) => Some(agent.clone()),
-        (None, Some(capability)) => pick(tx, state, capability, now).await?,
-        (None, None) => return Err(Error::Internal("a step without agent or capability".into())),
-    };
-    let attempt = step.attempts + 1;
-    let sent = match &agent {
-        Some(agent) => {
-            let previous = previous_results(tx, run, &step).await?;
-            let content = format!(
-                r#"{{"workflow_id":{},"step_id":{},"attempt":{attempt},"input":{},"previous_results":{previous}}}"#,
-                json!(run.workflow_id),
-                json!(step.step_id),
-                step.input,
-            );
-            let message_id = crate::common::new_id("msg");
-            let row = messages::db::Insert {
-                message_id: &message_id,
+) -> Result<usize> {
+    if steps.is_empty() {
+        return Ok(0);
+    }
+    let sequential = pattern(run)? == Pattern::Sequential;
+    // Choose the agents; a capability pick sees the steps given out earlier in this call.
+    let mut pools: HashMap<String, Vec<Candidate>> = HashMap::new();
+    let mut chosen = Vec::with_capacity(steps.len());
+    for step in &steps {
+        let agent = match (&step.agent, &step.capability) {
+            (Some(agent), _) => Some(agent.clone()),
+            (None, Some(capability)) => {
+                if !pools.contains_key(capability) {
+                    let pool = candidates(tx, state, capability, now).await?;
+                    pools.insert(capability.clone(), pool);
+                }
+                let agent = least_loaded(&pools[capability]);
+                if let Some(agent) = &agent {
+                    for pool in pools.values_mut() {
+                        pool.iter_mut()
+                            .filter(|(id, _, _)| id == agent)
+                            .for_each(|c| c.2 += 1);
+                    }
+                }
+                agent
+            }
+            (None, None) => {
+                return Err(Error::Internal("a step without agent or capability".into()));
+            }
+        };
+        chosen.push(agent);
+    }
+    // One message per step that has an agent, all in one INSERT.
+    let mut messages = Vec::with_capacity(steps.len());
+    for (step, agent) in steps.iter().zip(&chosen) {
+        if agent.is_none() {
+            messages.push((String::new(), String::new()));
+            continue;
+        }
+        let previous = previous_results(tx, run, step).await?;
+        let content = format!(
+            r#"{{"workflow_id":{},"step_id":{},"attempt":{},"input":{},"previous_results":{previous}}}"#,
+            json!(run.workflow_id),
+            json!(step.step_id),
+            step.attempts + 1,
+            step.input,
+        );
+        messages.push((crate::common::new_id("msg"), content));
+    }
+    // The queue runs on the wall clock (a timer step may be driven with a later one).
+    let queued_at = crate::common::now_ms();
+    let rows: Vec<messages::db::Insert> = chosen
+        .iter()
+        .zip(&messages)
+        .filter_map(|(agent, (message_id, content))| {
+            Some(messages::db::Insert {
+                message_id,
                 sender: "ltmc",
-                recipient: agent,
+                recipient: agent.as_deref()?,
                 message_type: "workflow.step",
-                content: &content,
+                content,
                 priority: 5,
                 correlation_id: Some(&run.workflow_id),
-                // The queue runs on the wall clock (a timer step may be driven with a later one).
-                now: crate::common::now_ms(),
-            };
-            // Empty when the agent's queue is full: the step waits like a step without an agent.
-            !messages::db::insert_many(tx.conn(), std::slice::from_ref(&row))
-                .await?
-                .is_empty()
-        }
-        None => false,
-    };
-    let Some(agent) = agent.filter(|_| sent) else {
-        if step.status != "waiting" {
-            tx.emit(event(
-                "workflow.step.waiting",
-                json!({"workflow_id": run.workflow_id, "step_id": step.step_id}),
-            ));
-        }
-        if !db::set_status(tx.conn(), &step, "waiting", Some(now + WAIT_RECHECK_MS)).await? {
-            return Err(Error::Internal("a step moved under the writer".into()));
-        }
-        return Ok(false);
-    };
-    // Sequential: the previous step's agent hands over to this one, with its output.
-    let mut handoff_id = None;
-    if pattern(run)? == Pattern::Sequential && step.idx > 0 && step.attempts == 0 {
-        let previous = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx - 1).await?;
-        if let Some(previous) = previous
-            && let Some(from) = previous.agent_id.as_deref()
-            && from != agent
-        {
-            let output: Value = match &previous.output {
-                Some(raw) => serde_json::from_str(raw).unwrap_or(Value::Null),
-                None => Value::Null,
-            };
-            let context = json!({"workflow_id": run.workflow_id, "from_step": previous.step_id,
-                                 "to_step": step.step_id, "previous_output": output});
-            let reason = format!("workflow {} step {}", run.name, step.step_id);
-            handoff_id = Some(
-                handoffs::record_step_handoff(
-                    tx,
-                    from,
-                    &agent,
-                    context,
-                    &run.workflow_id,
-                    &reason,
-                    now,
-                )
-                .await?,
-            );
+                now: queued_at,
+            })
+        })
+        .collect();
+    // A message missing here met a full queue: that step waits like one without an agent.
+    let queued = messages::db::insert_many(tx.conn(), &rows).await?;
+    let mut out = Vec::new();
+    let mut waiting = Vec::new();
+    for ((step, agent), (message_id, _)) in steps.into_iter().zip(chosen).zip(messages) {
+        match agent {
+            Some(agent) if queued.contains(&message_id) => out.push((step, agent)),
+            _ => waiting.push(step),
         }
     }
-    if !db::dispatch(tx.conn(), &step, &agent, handoff_id.as_deref(), now).await? {
+    // Sequential: the previous step's agent hands over to this one, with its output.
+    let mut handoffs = Vec::with_capacity(out.len());
+    for (step, agent) in &out {
+        handoffs.push(if sequential && step.idx > 0 && step.attempts == 0 {
+            step_handoff(tx, run, step, agent, now).await?
+        } else {
+            None
+        });
+    }
+    let moves: Vec<db::Dispatch> = out
+        .iter()
+        .zip(&handoffs)
+        .map(|((step, agent), handoff_id)| db::Dispatch {
+            idx: step.idx,
+            attempts: step.attempts,
+            agent_id: agent,
+            handoff_id: handoff_id.as_deref(),
+        })
+        .collect();
+    if db::dispatch(tx.conn(), &run.workflow_id, &moves, now).await? != moves.len() as u64 {
         return Err(Error::Internal("a step moved under the writer".into()));
     }
-    tx.emit(
-        event(
-            "workflow.step.dispatched",
-            json!({"workflow_id": run.workflow_id, "step_id": step.step_id, "agent_id": agent,
-                   "attempt": attempt}),
-        )
-        .to_agent(&agent),
-    );
-    Ok(true)
+    for (step, agent) in &out {
+        tx.emit(
+            event(
+                "workflow.step.dispatched",
+                json!({"workflow_id": run.workflow_id, "step_id": step.step_id, "agent_id": agent,
+                       "attempt": step.attempts + 1}),
+            )
+            .to_agent(agent),
+        );
+    }
+    let idxs: Vec<i64> = waiting.iter().map(|s| s.idx).collect();
+    db::set_waiting(tx.conn(), &run.workflow_id, &idxs, now + WAIT_RECHECK_MS).await?;
+    for step in waiting.iter().filter(|s| s.status != "waiting") {
+        tx.emit(event(
+            "workflow.step.waiting",
+            json!({"workflow_id": run.workflow_id, "step_id": step.step_id}),
+        ));
+    }
+    Ok(out.len())
+}
+
+/// Records the handoff from the previous step's agent to `agent` (none when it is the same
+/// agent, or the previous step had none).
+async fn step_handoff(
+    tx: &mut Writer,
+    run: &RunRow,
+    step: &StepRow,
+    agent: &str,
+    now: i64,
+) -> Result<Option<String>> {
+    let Some(previous) = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx - 1).await? else {
+        return Ok(None);
+    };
+    let Some(from) = previous.agent_id.as_deref().filter(|from| *from != agent) else {
+        return Ok(None);
+    };
+    let output: Value = match &previous.output {
+        Some(raw) => serde_json::from_str(raw).unwrap_or(Value::Null),
+        None => Value::Null,
+    };
+    let context = json!({"workflow_id": run.workflow_id, "from_step": previous.step_id,
+                         "to_step": step.step_id, "previous_output": output});
+    let reason = format!("workflow {} step {}", run.name, step.step_id);
+    let id =
+        handoffs::record_step_handoff(tx, from, agent, context, &run.workflow_id, &reason, now)
+            .await?;
+    Ok(Some(id))
+}
+
+/// Gives up to `slots` freed places to the oldest waiting steps (held steps just ended).
+pub async fn fill_waiting(tx: &mut Writer, state: &AppState, slots: u32, now: i64) -> Result<()> {
+    if slots == 0 {
+        return Ok(());
+    }
+    let mut waiting = db::waiting(tx.conn(), slots).await?;
+    waiting.sort_by(|a, b| (&a.workflow_id, a.idx).cmp(&(&b.workflow_id, b.idx)));
+    for_each_run(tx, state, waiting, now).await.map(drop)
+}
+
+/// Dispatches ready steps of any runs (sorted by run), one batch per executing run. Returns how
+/// many went out.
+async fn for_each_run(
+    tx: &mut Writer,
+    state: &AppState,
+    steps: Vec<StepRow>,
+    now: i64,
+) -> Result<usize> {
+    let mut started = 0;
+    let mut steps = steps.into_iter().peekable();
+    while let Some(first) = steps.next() {
+        let mut group = vec![first];
+        while let Some(next) = steps.next_if(|s| s.workflow_id == group[0].workflow_id) {
+            group.push(next);
+        }
+        if let Some(run) = db::get_run(tx.conn(), &group[0].workflow_id).await?
+            && run.status == "executing"
+        {
+            started += dispatch(tx, state, &run, group, now).await?;
+        }
+    }
+    Ok(started)
 }
 
 /// An attempt of a dispatched step ended: success, a retry after backoff, or a final failure.
@@ -373,13 +473,6 @@ pub async fn attempt_ended(
         }
         step_final(tx, state, run, &step, to == "succeeded", now).await?;
     }
-    // The holder has a free slot now: a waiting step may find an agent.
-    if let Some(waiting) = db::waiting(tx.conn(), 1).await?.pop()
-        && let Some(wrun) = db::get_run(tx.conn(), &waiting.workflow_id).await?
-        && wrun.status == "executing"
-    {
-        dispatch(tx, state, &wrun, waiting, now).await?;
-    }
     Ok(())
 }
 
@@ -398,7 +491,7 @@ async fn step_final(
     match (pattern(run)?, succeeded) {
         (Pattern::Sequential, true) => {
             if let Some(next) = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx + 1).await? {
-                dispatch(tx, state, run, next, now).await?;
+                dispatch(tx, state, run, vec![next], now).await?;
             }
         }
         (Pattern::Sequential, false) => {
@@ -409,9 +502,8 @@ async fn step_final(
         (Pattern::DependencyBased, true) => {
             let dependants = StepRow::indexes(&step.dependants)?;
             let ready = db::satisfy(tx.conn(), &run.workflow_id, &dependants).await?;
-            for next in db::steps_in(tx.conn(), &run.workflow_id, &ready, "pending").await? {
-                dispatch(tx, state, run, next, now).await?;
-            }
+            let ready = db::steps_in(tx.conn(), &run.workflow_id, &ready, "pending").await?;
+            dispatch(tx, state, run, ready, now).await?;
         }
         (Pattern::DependencyBased, false) => {
             // Everything downstream of the failure is skipped; independent branches go on.
@@ -492,21 +584,9 @@ pub async fn fire(
 ) -> Result<usize> {
     db::insert_trigger(tx.conn(), name, workflow_id, payload, now).await?;
     let waiting = db::triggered(tx.conn(), name, workflow_id).await?;
-    let mut started = 0;
-    let mut run: Option<RunRow> = None;
-    for step in waiting {
-        if run
-            .as_ref()
-            .is_none_or(|r| r.workflow_id != step.workflow_id)
-        {
-            run = db::get_run(tx.conn(), &step.workflow_id).await?;
-        }
-        if let Some(run) = &run {
-            dispatch(tx, state, run, step, now).await?;
-            started += 1;
-        }
-    }
-    Ok(started)
+    let count = waiting.len();
+    for_each_run(tx, state, waiting, now).await?;
+    Ok(count)
 }
 
 /// Cancels an executing run: its open steps become `cancelled` and their holders hear of it.
@@ -597,6 +677,7 @@ async fn run_ended(tx: &mut Writer, run: &RunRow, status: &str, now: i64) -> Res
 pub async fn due(tx: &mut Writer, state: &AppState, now: i64) -> Result<usize> {
     let due = db::due(tx.conn(), now, DUE_BATCH).await?;
     let mut moved = 0;
+    let mut freed = 0;
     for step in due {
         // An earlier move in this batch may have changed it (e.g. skipped it): read it again.
         let Some(step) = db::step_by_idx(tx.conn(), &step.workflow_id, step.idx).await? else {
@@ -612,13 +693,17 @@ pub async fn due(tx: &mut Writer, state: &AppState, now: i64) -> Result<usize> {
             continue;
         }
         match step.status.as_str() {
-            "dispatched" => attempt_ended(tx, state, &run, step, Outcome::TimedOut, now).await?,
+            "dispatched" => {
+                attempt_ended(tx, state, &run, step, Outcome::TimedOut, now).await?;
+                freed += 1;
+            }
             "pending" | "waiting" => {
-                dispatch(tx, state, &run, step, now).await?;
+                dispatch(tx, state, &run, vec![step], now).await?;
             }
             _ => continue,
         }
         moved += 1;
     }
+    fill_waiting(tx, state, freed, now).await?;
     Ok(moved)
 }

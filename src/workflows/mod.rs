@@ -6,6 +6,7 @@
 //! state is in the store, so a restart resumes every executing run where it was, and every
 //! transition is a compare-and-set, so with several instances each happens once.
 
+pub mod batch;
 pub mod db;
 pub mod definition;
 pub mod engine;
@@ -21,7 +22,6 @@ use crate::common::{Page, PageQuery, new_id, now_ms, rfc3339, validate_agent_id,
 use crate::error::{Error, Result};
 use db::{RunRow, StepRow};
 use definition::{Limits, Pattern, WorkflowDefinition};
-use engine::Outcome;
 
 /// Longest step error text, in bytes.
 const MAX_ERROR: usize = 4096;
@@ -262,7 +262,8 @@ pub async fn list(state: &AppState, query: WorkflowQuery) -> Result<Page<Workflo
 }
 
 /// The result of an attempt, from the agent that holds it (409 for anyone else, for an attempt
-/// that is not the current one — e.g. one that timed out — and for a step that is not out).
+/// that is not the current one — e.g. one that timed out — and for a step that is not out),
+/// committed with others through [`batch`]. Answers the run as it is after the commit.
 pub async fn result(
     state: &AppState,
     workflow_id: &str,
@@ -281,36 +282,10 @@ pub async fn result(
             state.config.limits.max_content_bytes
         )));
     }
-    let now = now_ms();
-    let mut tx = state.store.begin().await?;
-    let run = db::get_run(tx.conn(), workflow_id)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("no workflow {workflow_id:?}")))?;
-    let step = db::step_by_id(tx.conn(), workflow_id, step_id)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("no step {step_id:?} in {workflow_id}")))?;
-    if step.status != "dispatched" {
-        return Err(Error::Conflict(format!(
-            "step {step_id} is {}: it takes no result",
-            step.status
-        )));
-    }
-    if step.attempts != body.attempt || step.agent_id.as_deref() != Some(&body.agent_id) {
-        return Err(Error::Conflict(format!(
-            "{:?} does not hold attempt {} of step {step_id} (attempt {} is held by {:?})",
-            body.agent_id,
-            body.attempt,
-            step.attempts,
-            step.agent_id.as_deref().unwrap_or("nobody")
-        )));
-    }
-    let outcome = if body.success {
-        Outcome::Succeeded(body.output.map(|o| o.get().to_owned()))
-    } else {
-        Outcome::Failed(body.error.unwrap_or_else(|| "failed".into()))
-    };
-    engine::attempt_ended(&mut tx, state, &run, step, outcome, now).await?;
-    tx.commit(&state.broker).await?;
+    state
+        .results
+        .submit(workflow_id, step_id, body, now_ms())
+        .await?;
     get(state, workflow_id).await
 }
 
