@@ -197,9 +197,12 @@ impl MemoryBroker {
                 }
                 copy.record = Some(record.to_owned());
             }
-            HotWrite::Mark { record } => {
+            HotWrite::Mark { record, previous } => {
                 if copy.version >= version {
                     return;
+                }
+                if copy.version != previous {
+                    copy.log = None;
                 }
                 copy.record = record.map(str::to_owned);
             }

@@ -55,8 +55,13 @@ pub enum HotWrite<'a> {
         entry: &'a str,
         previous: i64,
     },
-    /// A change without a log entry (e.g. the session ended); `None` forgets the record.
-    Mark { record: Option<&'a str> },
+    /// A change without a log entry (e.g. the session ended) from version `previous`; `None`
+    /// forgets the record. A copy that was not exactly at `previous` forgets its log (a write
+    /// it missed may have been an entry).
+    Mark {
+        record: Option<&'a str>,
+        previous: i64,
+    },
 }
 
 /// The broker handle: cheap to clone.

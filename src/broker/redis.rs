@@ -56,7 +56,7 @@ return due
 /// Applies a [`HotWrite`] (see [`super::Broker::hot_write`]). KEYS: the copy's hash (`v`
 /// version, `rec` record, `c` = 1 while the log is complete) and its log list. ARGV: mode,
 /// version, ttl_ms, keep, record ('' for none), then for `fill` 1|0 (log given) and the log, for
-/// `push` the previous version and the entry.
+/// `push` the previous version and the entry, for `mark` the previous version.
 const HOT_WRITE: &str = r"
 local v = tonumber(ARGV[2])
 local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '-1')
@@ -83,6 +83,10 @@ elseif mode == 'push' then
     redis.call('DEL', KEYS[2])
     redis.call('HSET', KEYS[1], 'c', '0')
   end
+elseif cur ~= tonumber(ARGV[6]) then
+  -- mark, from a version other than the copy's: a missed write may have been a log entry
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'c', '0')
 end
 if ARGV[5] == '' then
   redis.call('HDEL', KEYS[1], 'rec')
@@ -451,7 +455,7 @@ impl RedisBroker {
         let (mode, record) = match write {
             HotWrite::Fill { record, .. } => ("fill", record),
             HotWrite::Push { record, .. } => ("push", record),
-            HotWrite::Mark { record } => ("mark", record.unwrap_or("")),
+            HotWrite::Mark { record, .. } => ("mark", record.unwrap_or("")),
         };
         invocation
             .arg(mode)
@@ -471,7 +475,9 @@ impl RedisBroker {
             } => {
                 invocation.arg(previous).arg(entry);
             }
-            HotWrite::Mark { .. } => {}
+            HotWrite::Mark { previous, .. } => {
+                invocation.arg(previous);
+            }
         }
         self.timed(invocation.invoke_async::<i64>(&mut conn))
             .await

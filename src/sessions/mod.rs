@@ -344,6 +344,7 @@ pub async fn end(state: &AppState, session_id: &str) -> Result<Session> {
         let v = version(session.activity_count, &session.status);
         let write = HotWrite::Mark {
             record: Some(&record),
+            previous: version(session.activity_count, "active"),
         };
         hot_write(state, session_id, v, write).await;
     }
@@ -366,7 +367,10 @@ pub async fn expire_tick(state: &AppState, now: i64) -> Result<usize> {
     }
     tx.commit(&state.broker).await?;
     for (session_id, activity_count) in &expired {
-        let write = HotWrite::Mark { record: None };
+        let write = HotWrite::Mark {
+            record: None,
+            previous: version(*activity_count, "active"),
+        };
         hot_write(
             state,
             session_id,

@@ -294,7 +294,14 @@ both_brokers!(hot_copies_take_writes_in_any_order, |kind| async move {
     );
     // A mark without a record (expiry) keeps the log; a fill of the record at that version
     // brings the record back without touching the log.
-    let mark = write(9, HotWrite::Mark { record: None }).await;
+    let mark = write(
+        9,
+        HotWrite::Mark {
+            record: None,
+            previous: 8,
+        },
+    )
+    .await;
     assert_eq!(mark, hot(9, None, Some(&["d", "c", "b"])));
     assert_eq!(
         write(9, fill("r9", None)).await,
@@ -302,8 +309,30 @@ both_brokers!(hot_copies_take_writes_in_any_order, |kind| async move {
     );
     // An older mark or push changes nothing.
     assert_eq!(
-        write(8, HotWrite::Mark { record: Some("r8") }).await,
+        write(
+            8,
+            HotWrite::Mark {
+                record: Some("r8"),
+                previous: 6
+            }
+        )
+        .await,
         hot(9, Some("r9"), Some(&["d", "c", "b"]))
+    );
+    // A mark that skips a version (the push before it arrived late, or never): the log may miss
+    // that entry, so it is dropped; the late push then changes nothing.
+    let skipped = write(
+        13,
+        HotWrite::Mark {
+            record: Some("r13"),
+            previous: 12,
+        },
+    )
+    .await;
+    assert_eq!(skipped, hot(13, Some("r13"), None));
+    assert_eq!(
+        write(12, push("r12", "f", 10)).await,
+        hot(13, Some("r13"), None)
     );
     app.stop().await;
 });
