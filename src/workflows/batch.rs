@@ -167,13 +167,20 @@ async fn apply(tx: &mut Writer, state: &AppState, job: &ResultJob) -> Result<()>
             "no step {step_id:?} in workflow {workflow_id:?}"
         )));
     };
+    let holder = step.agent_id.as_deref() == Some(&body.agent_id);
+    let repeated =
+        (step.status == "succeeded" && body.success) || (step.status == "failed" && !body.success);
+    if repeated && holder && step.attempts == body.attempt {
+        // The same result again (its answer was lost): it was recorded, nothing more to do.
+        return Ok(());
+    }
     if step.status != "dispatched" {
         return Err(Error::Conflict(format!(
             "step {step_id} is {}: it takes no result",
             step.status
         )));
     }
-    if step.attempts != body.attempt || step.agent_id.as_deref() != Some(&body.agent_id) {
+    if step.attempts != body.attempt || !holder {
         return Err(Error::Conflict(format!(
             "{:?} does not hold attempt {} of step {step_id} (attempt {} is held by {:?})",
             body.agent_id,

@@ -75,6 +75,15 @@ const STEP_COLUMNS: &str = "workflow_id, idx, step_id, name, agent, capability, 
     dependants, trigger_name, timeout_ms, max_retries, deps_left, status, agent_id, attempts,
     due_at, output, error, handoff_id, started_at, finished_at";
 
+/// The step columns as `s.<column>`, for joins with `workflow w`.
+fn qualified_step_columns() -> String {
+    STEP_COLUMNS
+        .split(',')
+        .map(|c| format!("s.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn run_from_row(row: &SqliteRow) -> Result<RunRow> {
     Ok(RunRow {
         seq: row.try_get("seq")?,
@@ -244,11 +253,7 @@ pub async fn run_and_step(
     workflow_id: &str,
     step_id: &str,
 ) -> Result<Option<(RunRow, StepRow)>> {
-    let step_columns: String = STEP_COLUMNS
-        .split(',')
-        .map(|c| format!("s.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let step_columns = qualified_step_columns();
     let sql = format!(
         "SELECT {step_columns}, w.seq AS run_seq, w.name AS run_name, w.description, w.pattern,
                 w.metadata, w.status AS run_status, w.steps_total, w.steps_done, w.steps_failed,
@@ -444,7 +449,7 @@ pub async fn end_attempt(
 }
 
 /// Marks the not-yet-final steps among `idxs` (all of the run's when None) with a final `to`
-/// (`skipped`, `cancelled`); returns `(idx, step_id)` of each.
+/// (`skipped`, `cancelled`), 500 a statement; returns `(idx, step_id)` of each.
 pub async fn finish_open(
     conn: &mut SqliteConnection,
     workflow_id: &str,
@@ -452,26 +457,32 @@ pub async fn finish_open(
     to: &str,
     now: i64,
 ) -> Result<Vec<(i64, String)>> {
-    if idxs.is_some_and(<[i64]>::is_empty) {
-        return Ok(Vec::new());
-    }
-    let mut query = QueryBuilder::new("UPDATE workflow_step SET status = ");
-    query
-        .push_bind(to)
-        .push(", due_at = NULL, finished_at = ")
-        .push_bind(now)
-        .push(" WHERE status IN ('pending', 'waiting', 'dispatched') AND workflow_id = ")
-        .push_bind(workflow_id);
-    if let Some(idxs) = idxs {
-        query.push(" AND idx IN (");
-        let mut list = query.separated(", ");
-        for idx in idxs {
-            list.push_bind(*idx);
+    let chunks: Vec<Option<&[i64]>> = match idxs {
+        None => vec![None],
+        Some(idxs) => idxs.chunks(500).map(Some).collect(),
+    };
+    let mut finished = Vec::new();
+    for chunk in chunks {
+        let mut query = QueryBuilder::new("UPDATE workflow_step SET status = ");
+        query
+            .push_bind(to)
+            .push(", due_at = NULL, finished_at = ")
+            .push_bind(now)
+            .push(" WHERE status IN ('pending', 'waiting', 'dispatched') AND workflow_id = ")
+            .push_bind(workflow_id);
+        if let Some(idxs) = chunk {
+            query.push(" AND idx IN (");
+            let mut list = query.separated(", ");
+            for idx in idxs {
+                list.push_bind(*idx);
+            }
+            query.push(")");
         }
-        query.push(")");
+        query.push(" RETURNING idx, step_id");
+        let rows: Vec<(i64, String)> = query.build_query_as().fetch_all(&mut *conn).await?;
+        finished.extend(rows);
     }
-    query.push(" RETURNING idx, step_id");
-    Ok(query.build_query_as().fetch_all(&mut *conn).await?)
+    Ok(finished)
 }
 
 /// `(step_id, agent_id)` of a run's dispatched steps.
@@ -553,24 +564,38 @@ pub async fn satisfy(
     Ok(ready)
 }
 
-/// Pending steps of executing runs waiting for the trigger `name` (of `workflow_id` only, when
-/// given).
-pub async fn triggered(
-    conn: &mut SqliteConnection,
-    name: &str,
-    workflow_id: Option<&str>,
-) -> Result<Vec<StepRow>> {
+/// Pending steps of every executing run waiting for the trigger `name`, by run.
+pub async fn triggered(conn: &mut SqliteConnection, name: &str) -> Result<Vec<StepRow>> {
+    let step_columns = qualified_step_columns();
     let sql = format!(
-        "SELECT {STEP_COLUMNS} FROM workflow_step
-         WHERE trigger_name = ? AND status = 'pending' AND attempts = 0 AND due_at IS NULL
-           AND (? IS NULL OR workflow_id = ?)
-           AND workflow_id IN (SELECT workflow_id FROM workflow WHERE status = 'executing')
-         ORDER BY workflow_id, idx"
+        "SELECT {step_columns} FROM workflow_step s JOIN workflow w ON w.workflow_id = s.workflow_id
+         WHERE s.trigger_name = ? AND s.status = 'pending' AND s.attempts = 0
+           AND s.due_at IS NULL AND w.status = 'executing'
+         ORDER BY s.workflow_id, s.idx"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(name)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(step_from_row).collect()
+}
+
+/// Pending steps of one run (if it is executing) waiting for the trigger `name`.
+pub async fn triggered_in_run(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    name: &str,
+) -> Result<Vec<StepRow>> {
+    let step_columns = qualified_step_columns();
+    let sql = format!(
+        "SELECT {step_columns} FROM workflow_step s JOIN workflow w ON w.workflow_id = s.workflow_id
+         WHERE s.workflow_id = ? AND s.trigger_name = ? AND s.status = 'pending'
+           AND s.attempts = 0 AND s.due_at IS NULL AND w.status = 'executing'
+         ORDER BY s.idx"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(workflow_id)
-        .bind(workflow_id)
+        .bind(name)
         .fetch_all(conn)
         .await?;
     rows.iter().map(step_from_row).collect()

@@ -166,7 +166,14 @@ pub fn validate(def: &WorkflowDefinition, limits: &Limits) -> Result<()> {
         index.entry(step.step_id.as_str()).or_insert(i);
     }
 
-    let graph = def.pattern == Pattern::DependencyBased;
+    // `depends_on` (DAG) and `step:<step_id>` triggers (event-driven) both order the steps: they
+    // must name existing steps and form no cycle.
+    let graph = matches!(def.pattern, Pattern::DependencyBased | Pattern::EventDriven);
+    let edge_field = if def.pattern == Pattern::EventDriven {
+        "trigger"
+    } else {
+        "depends_on"
+    };
     // The dependency graph, compressed: step `i` depends on `edges[starts[i]..starts[i + 1]]`.
     let mut starts = Vec::with_capacity(if graph { n + 1 } else { 0 });
     let mut edges = Vec::new();
@@ -244,6 +251,30 @@ pub fn validate(def: &WorkflowDefinition, limits: &Limits) -> Result<()> {
 
         if graph {
             starts.push(edges.len());
+        }
+        // `step:<step_id>`: another step's completion starts this one.
+        if let Some(from) = step
+            .trigger
+            .as_deref()
+            .and_then(|t| t.strip_prefix("step:"))
+            && def.pattern == Pattern::EventDriven
+        {
+            match index.get(from) {
+                None => {
+                    refs_ok = false;
+                    errors.add(at("trigger"), "`step:` names no step of this workflow");
+                }
+                Some(&j) if j == i => {
+                    refs_ok = false;
+                    errors.add(
+                        at("trigger"),
+                        "a step cannot be started by its own completion",
+                    );
+                }
+                Some(&j) => edges.push(j),
+            }
+        }
+        if def.pattern == Pattern::DependencyBased {
             for (k, dep) in step.depends_on.iter().enumerate() {
                 let problem = match index.get(dep.as_str()) {
                     None => "names no step of this workflow",
@@ -272,7 +303,9 @@ pub fn validate(def: &WorkflowDefinition, limits: &Limits) -> Result<()> {
 
     if graph && refs_ok {
         starts.push(edges.len());
-        errors.0.extend(find_cycle(steps, &starts, &edges));
+        errors
+            .0
+            .extend(find_cycle(steps, &starts, &edges, edge_field));
     }
     errors.finish()
 }
@@ -364,7 +397,12 @@ fn fits(value: &impl Serialize, limit: usize) -> bool {
 
 /// The first dependency cycle, found by an iterative depth-first search (a chain of 10 000 steps
 /// must not exhaust the stack), as an error on the `depends_on` of the step it starts from.
-fn find_cycle(steps: &[StepDef], starts: &[usize], edges: &[usize]) -> Option<FieldError> {
+fn find_cycle(
+    steps: &[StepDef],
+    starts: &[usize],
+    edges: &[usize],
+    field: &str,
+) -> Option<FieldError> {
     #[derive(Clone, Copy)]
     enum Mark {
         New,
@@ -395,7 +433,7 @@ fn find_cycle(steps: &[StepDef], starts: &[usize], edges: &[usize]) -> Option<Fi
                     mark[dep] = Mark::Open(path.len());
                     path.push((dep, 0));
                 }
-                Mark::Open(from) => return Some(cycle_error(steps, &path[from..])),
+                Mark::Open(from) => return Some(cycle_error(steps, &path[from..], field)),
                 Mark::Done => {}
             }
         }
@@ -403,8 +441,8 @@ fn find_cycle(steps: &[StepDef], starts: &[usize], edges: &[usize]) -> Option<Fi
     None
 }
 
-/// `cycle: a -> b -> c -> a` on `steps[<a>].depends_on`, the middle of a long cycle elided.
-fn cycle_error(steps: &[StepDef], cycle: &[(usize, usize)]) -> FieldError {
+/// `cycle: a -> b -> c -> a` on `steps[<a>].<field>`, the middle of a long cycle elided.
+fn cycle_error(steps: &[StepDef], cycle: &[(usize, usize)], field: &str) -> FieldError {
     let first = cycle.first().map_or(0, |&(step, _)| step);
     let ids = cycle
         .iter()
@@ -429,7 +467,7 @@ fn cycle_error(steps: &[StepDef], cycle: &[(usize, usize)]) -> FieldError {
         }
     }
     FieldError {
-        field: format!("steps[{first}].depends_on"),
+        field: format!("steps[{first}].{field}"),
         message,
     }
 }
@@ -737,6 +775,28 @@ mod tests {
         let errors = errors(&d);
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["steps[1].trigger", "steps[2].trigger"]);
+    }
+
+    #[test]
+    fn step_triggers_name_another_existing_step_without_a_cycle() {
+        let trigger = |step_id: &str, trigger: &str| json!({"step_id": step_id, "agent": "w", "trigger": trigger});
+        let steps =
+            |list: Vec<Value>| def(json!({"name": "n", "pattern": "event_driven", "steps": list}));
+        valid(&steps(vec![trigger("a", "go"), trigger("b", "step:a")]));
+        let unknown = errors(&steps(vec![
+            trigger("a", "step:nope"),
+            trigger("b", "step:b"),
+        ]));
+        let fields: Vec<_> = unknown.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["steps[0].trigger", "steps[1].trigger"]);
+        let cycle = errors(&steps(vec![
+            trigger("a", "step:c"),
+            trigger("b", "step:a"),
+            trigger("c", "step:b"),
+        ]));
+        let (field, message) = only(&cycle);
+        assert_eq!(field, "steps[0].trigger");
+        assert_eq!(message, "cycle: a -> c -> b -> a");
     }
 
     #[test]

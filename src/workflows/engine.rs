@@ -6,7 +6,7 @@
 //!   limit), the attempt goes out as a `workflow.step` message; no agent free → `waiting`,
 //!   looked at again when a held step ends and by the timer;
 //! - an attempt ends ([`attempt_ended`]: a result, or the timer's timeout) → success, a retry
-//!   after backoff (1 s × 2ⁿ, capped at 60 s, with jitter), or a final failure;
+//!   after backoff (1 s × 2ⁿ⁻¹ plus jitter, at most 60 s), or a final failure;
 //! - a step reaches a final status → what follows from the pattern: the next step (sequential,
 //!   with a handoff recorded between the two agents), the dependants whose dependencies have all
 //!   succeeded (DAG; a failure skips its dependants), the `step:<step_id>` trigger
@@ -55,15 +55,16 @@ fn event(kind: &'static str, data: Value) -> NewEvent {
     NewEvent::new("workflows", kind, data)
 }
 
-/// Backoff before retry `n` (1-based): 1 s × 2ⁿ⁻¹, capped at 60 s, the upper half jittered.
+/// Backoff before retry `n` (1-based): 1 s × 2ⁿ⁻¹ plus up to a fifth more at random (so
+/// retries of many steps spread out), never over 60 s.
 fn backoff_ms(n: i64) -> i64 {
     let base = (1_000i64 << (n - 1).clamp(0, 6)).min(60_000);
-    let mut byte = [0u8; 2];
-    let jitter = match getrandom::fill(&mut byte) {
-        Ok(()) => i64::from(u16::from_le_bytes(byte)) * (base / 2) / i64::from(u16::MAX),
+    let mut bytes = [0u8; 2];
+    let jitter = match getrandom::fill(&mut bytes) {
+        Ok(()) => i64::from(u16::from_le_bytes(bytes)) * (base / 5) / i64::from(u16::MAX),
         Err(_) => 0,
     };
-    base / 2 + jitter
+    (base + jitter).min(60_000)
 }
 
 /// A run was inserted with its steps: starts those that are ready.
@@ -115,9 +116,13 @@ pub async fn started(
         Pattern::EventDriven => {
             // No lost wakeup: an event committed before this transaction is in the table (and
             // one committed after it finds these steps pending).
+            // (A `step:` trigger cannot have fired before its run existed.)
             let mut ready = Vec::new();
             for step in steps {
                 let name = step.trigger_name.as_deref().unwrap_or_default();
+                if name.starts_with("step:") {
+                    continue;
+                }
                 let since = now - TRIGGER_LOOKBACK_MS;
                 if db::recent_trigger(tx.conn(), name, &run.workflow_id, since)
                     .await?
@@ -149,7 +154,14 @@ async fn candidates(
         return Ok(Vec::new());
     }
     let ids: Vec<&str> = capable.iter().map(|(id, _, _)| id.as_str()).collect();
-    let presence = state.broker.presence(&ids, now).await?;
+    let presence = match state.broker.presence(&ids, now).await {
+        Ok(presence) => presence,
+        Err(e) => {
+            // Nobody is known to be available: the steps wait, and the timer looks again.
+            tracing::warn!(error = %e, capability, "presence unknown: capability steps wait");
+            return Ok(Vec::new());
+        }
+    };
     Ok(capable
         .into_iter()
         .zip(presence)
@@ -522,16 +534,18 @@ async fn step_final(
             done += skip(tx, run, &downstream, now).await?;
         }
         (Pattern::EventDriven, true) => {
+            // This step's completion is the event `step:<step_id>` of its own run (every step
+            // of the run exists from submit, so it needs no keeping for later).
             let name = format!("step:{}", step.step_id);
-            let output = step_output(tx, step).await?;
-            fire(tx, state, &name, Some(&run.workflow_id), &output, now).await?;
+            let next = db::triggered_in_run(tx.conn(), &run.workflow_id, &name).await?;
+            dispatch(tx, state, run, next, now).await?;
         }
         (Pattern::EventDriven, false) => {
             // Steps triggered by this one's completion can never start: skipped, and theirs.
             let mut downstream = Vec::new();
             let mut names = vec![format!("step:{}", step.step_id)];
             while let Some(name) = names.pop() {
-                for s in db::triggered(tx.conn(), &name, Some(&run.workflow_id)).await? {
+                for s in db::triggered_in_run(tx.conn(), &run.workflow_id, &name).await? {
                     names.push(format!("step:{}", s.step_id));
                     downstream.push(s.idx);
                 }
@@ -552,14 +566,6 @@ async fn step_final(
     Ok(())
 }
 
-/// The step's output as stored (its result was written earlier in this transaction).
-async fn step_output(tx: &mut Writer, step: &StepRow) -> Result<String> {
-    Ok(db::step_by_idx(tx.conn(), &step.workflow_id, step.idx)
-        .await?
-        .and_then(|s| s.output)
-        .unwrap_or_else(|| "null".into()))
-}
-
 /// Marks open steps skipped; returns how many.
 async fn skip(tx: &mut Writer, run: &RunRow, idxs: &[i64], now: i64) -> Result<i64> {
     let skipped = db::finish_open(tx.conn(), &run.workflow_id, Some(idxs), "skipped", now).await?;
@@ -572,8 +578,9 @@ async fn skip(tx: &mut Writer, run: &RunRow, idxs: &[i64], now: i64) -> Result<i
     Ok(skipped.len() as i64)
 }
 
-/// Records an event (kept a while for steps that begin waiting later) and dispatches the
-/// pending steps waiting for it. Returns how many it started.
+/// Records a posted event (kept a while for steps that begin waiting later) and dispatches the
+/// pending steps of executing runs (of `workflow_id` only, when given) waiting for it. Returns
+/// how many it started.
 pub async fn fire(
     tx: &mut Writer,
     state: &AppState,
@@ -583,7 +590,10 @@ pub async fn fire(
     now: i64,
 ) -> Result<usize> {
     db::insert_trigger(tx.conn(), name, workflow_id, payload, now).await?;
-    let waiting = db::triggered(tx.conn(), name, workflow_id).await?;
+    let waiting = match workflow_id {
+        Some(id) => db::triggered_in_run(tx.conn(), id, name).await?,
+        None => db::triggered(tx.conn(), name).await?,
+    };
     let count = waiting.len();
     for_each_run(tx, state, waiting, now).await?;
     Ok(count)

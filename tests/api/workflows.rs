@@ -395,9 +395,16 @@ both_brokers!(
         // The timed-out attempt's late result is refused.
         let (status, problem) = answer(&app, "w", &first, true, json!("late")).await;
         assert_eq!(status, 409, "{problem}");
-        // After the backoff (at most 1 s for the first retry) the second attempt goes out …
+        // After the backoff (1-1.2 s for the first retry) the second attempt goes out …
         assert_eq!(
-            ltmc::workflows::tick(&app.state, later + 1_001)
+            ltmc::workflows::tick(&app.state, later + 999)
+                .await
+                .unwrap(),
+            0,
+            "still backing off"
+        );
+        assert_eq!(
+            ltmc::workflows::tick(&app.state, later + 1_201)
                 .await
                 .unwrap(),
             1
@@ -414,8 +421,15 @@ both_brokers!(
         assert_eq!(step_status(&done, "retry"), "succeeded");
         assert_eq!(done["steps"][0]["attempts"], 2);
         assert_eq!(done["status"], "failed");
-        let (status, _) = answer(&app, "w", &second, true, json!("again")).await;
+        // The holder repeating its result (its answer was lost) is told it was recorded; the
+        // step completes once, with the first output; another outcome is refused.
+        let (status, again) = answer(&app, "w", &second, true, json!("again")).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["steps"][0]["output"], "ok");
+        let (status, _) = answer(&app, "w", &second, false, json!(null)).await;
         assert_eq!(status, 409, "a step completes once");
+        let (_, run) = app.get(&format!("/v1/workflows/{id}")).await;
+        assert_eq!(run["steps"][0]["attempts"], 2);
         app.stop().await;
     }
 );
@@ -687,7 +701,7 @@ async fn two_instances_share_runs_without_double_transitions() {
     let client = reqwest::Client::new();
     let bases = [a.url(""), b.url("")];
 
-    // One result raced to both instances: exactly one wins.
+    // Two outcomes of one attempt raced to the two instances: exactly one is taken.
     let run = submit(
         &a,
         json!({"name": "race", "pattern": "parallel", "steps": [{"step_id": "s", "agent": "k0"}]}),
@@ -698,11 +712,24 @@ async fn two_instances_share_runs_without_double_transitions() {
         "/v1/workflows/{}/steps/s/result",
         run["workflow_id"].as_str().unwrap()
     );
-    let body = json!({"agent_id": "k0", "attempt": step["attempt"], "success": true});
-    let (first, second) = tokio::join!(a.post(&path, body.clone()), b.post(&path, body));
+    let body =
+        |success: bool| json!({"agent_id": "k0", "attempt": step["attempt"], "success": success});
+    let (first, second) = tokio::join!(a.post(&path, body(true)), b.post(&path, body(false)));
     let mut statuses = [first.0, second.0];
     statuses.sort_unstable();
     assert_eq!(statuses, [200, 409]);
+    let (_, raced) = a
+        .get(&format!(
+            "/v1/workflows/{}",
+            run["workflow_id"].as_str().unwrap()
+        ))
+        .await;
+    let winner = if first.0 == 200 {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    assert_eq!(raced["steps"][0]["status"], winner);
 
     for n in 0..40 {
         let pattern = if n % 2 == 0 { "parallel" } else { "sequential" };
@@ -731,7 +758,7 @@ async fn two_instances_share_runs_without_double_transitions() {
         }
     }
     let (steps, twice) = steps_completed_twice(&crate::harness::db_path(&a.dir)).await;
-    assert_eq!((steps, twice), (121, 0));
+    assert_eq!((steps, twice), (120 + usize::from(first.0 == 200), 0));
     b.stop().await;
     a.stop().await;
 }
