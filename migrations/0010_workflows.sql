@@ -48,6 +48,8 @@ CREATE TABLE workflow_step (
 CREATE UNIQUE INDEX workflow_step_id ON workflow_step (workflow_id, step_id);
 CREATE INDEX workflow_step_due ON workflow_step (status, due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX workflow_step_held ON workflow_step (agent_id, status);
+-- Waiting steps get freed places oldest run first (workflow ids sort by time).
+CREATE INDEX workflow_step_waiting ON workflow_step (workflow_id, idx) WHERE status = 'waiting';
 CREATE INDEX workflow_step_trigger ON workflow_step (trigger_name, status) WHERE trigger_name IS NOT NULL;
 
 -- Events posted for event-driven steps (`POST /v1/events`, and `step:<step_id>` completions),

@@ -666,12 +666,12 @@ pub async fn due(conn: &mut SqliteConnection, now: i64, limit: u32) -> Result<Ve
     rows.iter().map(step_from_row).collect()
 }
 
-/// The oldest waiting steps (a held step just ended: one may now find an agent).
+/// Waiting steps of the oldest runs first (held steps just ended: they may now find an agent),
+/// by run.
 pub async fn waiting(conn: &mut SqliteConnection, limit: u32) -> Result<Vec<StepRow>> {
     let sql = format!(
-        "SELECT {STEP_COLUMNS} FROM workflow_step
-         WHERE status = 'waiting' AND due_at IS NOT NULL -- (the partial index)
-         ORDER BY due_at LIMIT ?"
+        "SELECT {STEP_COLUMNS} FROM workflow_step WHERE status = 'waiting'
+         ORDER BY workflow_id, idx LIMIT ?"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(limit)

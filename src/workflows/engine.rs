@@ -388,8 +388,7 @@ pub async fn fill_waiting(tx: &mut Writer, state: &AppState, slots: u32, now: i6
     if slots == 0 {
         return Ok(());
     }
-    let mut waiting = db::waiting(tx.conn(), slots).await?;
-    waiting.sort_by(|a, b| (&a.workflow_id, a.idx).cmp(&(&b.workflow_id, b.idx)));
+    let waiting = db::waiting(tx.conn(), slots).await?;
     for_each_run(tx, state, waiting, now).await.map(drop)
 }
 
