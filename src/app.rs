@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::hub::Hub;
 use crate::events::stream::StreamSlots;
+use crate::ops::metrics::Metrics;
 use crate::store::Store;
 use crate::{
     agents, background, checkpoints, contexts, coordinations, events, handoffs, memory, messages,
@@ -45,6 +46,8 @@ pub struct AppState {
     pub batcher: messages::batch::Batcher,
     /// Where workflow step results queue for theirs.
     pub results: workflows::batch::Batcher,
+    /// This instance's Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     /// Cancelled when the service stops: loops and streams select on it.
     pub shutdown: CancellationToken,
     /// Streams and loops hold a token of it, so shutdown can wait for them.
@@ -63,17 +66,20 @@ impl App {
     /// Opens the store (applying migrations), creates the broker and binds the listener. An
     /// error here is the operator's to fix: its message names the setting.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<App> {
-        let store = Store::open(config.sqlite_path()).await.map_err(|e| {
-            Error::Internal(format!(
-                "--database-url / LTMC_DATABASE_URL: cannot open {}: {e}",
-                config.sqlite_path()
-            ))
-        })?;
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(config.sqlite_path(), metrics.clone())
+            .await
+            .map_err(|e| {
+                Error::Internal(format!(
+                    "--database-url / LTMC_DATABASE_URL: cannot open {}: {e}",
+                    config.sqlite_path()
+                ))
+            })?;
         store
             .set_queue_cap(config.limits.max_queued_per_agent)
             .await?;
         let broker = match &config.redis_url {
-            Some(url) => Broker::redis(url, &config.key_prefix)?,
+            Some(url) => Broker::redis(url, &config.key_prefix, metrics.clone())?,
             None => Broker::memory(),
         };
         let listener = TcpListener::bind(config.bind).await.map_err(|e| {
@@ -87,6 +93,7 @@ impl App {
         let (batcher, committer) = messages::batch::channel(
             store.clone(),
             broker.clone(),
+            metrics.clone(),
             config.limits.max_queued_per_agent,
         );
         let (result_batcher, results) = workflows::batch::channel();
@@ -98,6 +105,7 @@ impl App {
             stream_slots: Arc::default(),
             batcher,
             results: result_batcher,
+            metrics: metrics.clone(),
             shutdown,
             tracker: TaskTracker::new(),
         };
@@ -246,6 +254,10 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(
             state.config.limits.max_body_bytes as usize,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ops::metrics::track_http,
         ))
         .layer(
             ServiceBuilder::new()

@@ -21,6 +21,7 @@ use crate::broker::Broker;
 use crate::common::now_ms;
 use crate::error::Result;
 use crate::events::{self, NewEvent};
+use crate::ops::metrics::Metrics;
 
 /// WAL frames (pages) after which the background checkpoint makes the writer start the WAL over.
 const WAL_RESTART_FRAMES: i64 = 4096;
@@ -32,6 +33,8 @@ struct WriteConn {
     /// A transaction may be open: set *before* `BEGIN` is sent and cleared only once it is known
     /// to be over, so a request cancelled halfway never leaves the connection inside one.
     in_tx: bool,
+    /// Counts what this instance committed, from its events.
+    metrics: Arc<Metrics>,
 }
 
 impl WriteConn {
@@ -69,7 +72,10 @@ impl WriteConn {
     /// streams re-read the log when they find a gap.
     async fn publish_logged(&mut self, broker: &Broker) {
         match events::db::drain_outbox(&mut self.conn).await {
-            Ok(logged) => logged.into_iter().for_each(|event| broker.publish(event)),
+            Ok(logged) => logged.into_iter().for_each(|event| {
+                self.metrics.observe(&event);
+                broker.publish(event);
+            }),
             Err(e) => tracing::error!(error = %e, "committed events were not published"),
         }
     }
@@ -86,7 +92,7 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if missing) the SQLite file at `path` and applies the migrations.
-    pub async fn open(path: &str) -> Result<Store> {
+    pub async fn open(path: &str, metrics: Arc<Metrics>) -> Result<Store> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -112,7 +118,11 @@ impl Store {
             .connect_with(options.read_only(true))
             .await?;
         Ok(Store {
-            writer: Arc::new(Mutex::new(WriteConn { conn, in_tx: false })),
+            writer: Arc::new(Mutex::new(WriteConn {
+                conn,
+                in_tx: false,
+                metrics,
+            })),
             checkpointer: Arc::new(Mutex::new(checkpointer)),
             read,
         })
@@ -120,7 +130,7 @@ impl Store {
 
     /// Applies migrations only (`ltmc migrate`).
     pub async fn migrate(path: &str) -> Result<()> {
-        Store::open(path).await?.close().await;
+        Store::open(path, Arc::default()).await?.close().await;
         Ok(())
     }
 

@@ -102,6 +102,11 @@ impl MemoryBroker {
             .collect()
     }
 
+    pub fn active_count(&self, now: i64) -> usize {
+        let table = self.presence.lock().expect("presence lock");
+        table.agents.values().filter(|p| p.expires_at > now).count()
+    }
+
     pub fn remove_presence(&self, agent_id: &str) {
         let mut table = self.presence.lock().expect("presence lock");
         if let Some(old) = table.agents.remove(agent_id) {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::events::Event;
 use crate::events::hub::Hub;
+use crate::ops::metrics::Metrics;
 
 /// An agent's liveness, kept with a TTL in the broker. Heartbeats write only this.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,9 +79,10 @@ impl Broker {
     }
 
     /// A Redis broker; connects lazily, so start-up works while Redis is still coming up.
-    pub fn redis(url: &str, prefix: &str) -> Result<Broker> {
+    /// Its command latencies and failures are counted in `metrics`.
+    pub fn redis(url: &str, prefix: &str, metrics: Arc<Metrics>) -> Result<Broker> {
         Ok(Broker::Redis(Arc::new(redis::RedisBroker::new(
-            url, prefix,
+            url, prefix, metrics,
         )?)))
     }
 
@@ -139,6 +141,14 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.presence(agent_ids, now)),
             Broker::Redis(b) => b.presence(agent_ids).await,
+        }
+    }
+
+    /// How many agents are present (the expiry step removes the lapsed within a tick).
+    pub async fn active_count(&self, now: i64) -> Result<usize> {
+        match self {
+            Broker::Memory(b) => Ok(b.active_count(now)),
+            Broker::Redis(b) => b.active_count().await,
         }
     }
 

@@ -34,6 +34,7 @@ use super::{Hot, HotWrite, Presence};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::events::hub::Hub;
+use crate::ops::metrics::Metrics;
 
 /// Events queued for PUBLISH; beyond this the publisher is hopelessly behind (Redis down) and
 /// further events are dropped from pub/sub (never from the log: streams resync when Redis returns).
@@ -113,6 +114,8 @@ pub struct RedisBroker {
     instance: String,
     /// Whether the pattern subscription is established (readiness).
     subscribed: AtomicBool,
+    /// Command latencies and failures go here.
+    metrics: Arc<Metrics>,
 }
 
 /// The cause is logged; the client is told only which service is down.
@@ -122,7 +125,7 @@ fn unavailable(error: impl std::fmt::Display) -> Error {
 }
 
 impl RedisBroker {
-    pub fn new(url: &str, prefix: &str) -> Result<Self> {
+    pub fn new(url: &str, prefix: &str, metrics: Arc<Metrics>) -> Result<Self> {
         let mut config = Config::from_url(url);
         config.pool = Some(PoolConfig {
             max_size: 32,
@@ -150,6 +153,7 @@ impl RedisBroker {
             shared: Mutex::new(None),
             subscribed: AtomicBool::new(false),
             instance: crate::common::random_hex(6),
+            metrics,
         })
     }
 
@@ -170,13 +174,27 @@ impl RedisBroker {
         Ok(conn)
     }
 
-    /// Runs one command future with the command timeout; a failure drops the shared connection.
-    async fn timed<T>(&self, future: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
+    /// Runs one command future with the command timeout, timed into the metrics under
+    /// `operation`; a failure drops the shared connection.
+    async fn timed<T>(
+        &self,
+        operation: &str,
+        future: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let started = std::time::Instant::now();
         let result = match tokio::time::timeout(COMMAND_TIMEOUT, future).await {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(unavailable("command timed out")),
         };
+        self.metrics
+            .broker_ops
+            .with_label_values(&[operation])
+            .observe(started.elapsed().as_secs_f64());
         if result.is_err() {
+            self.metrics
+                .broker_errors
+                .with_label_values(&[operation])
+                .inc();
             self.shared.lock().expect("connection lock").take();
         }
         result
@@ -234,7 +252,8 @@ impl RedisBroker {
         }
         let result = async {
             let mut conn = self.conn().await?;
-            self.timed(pipe.query_async::<()>(&mut conn)).await
+            self.timed("publish_batch", pipe.query_async::<()>(&mut conn))
+                .await
         }
         .await;
         if let Err(e) = result {
@@ -332,7 +351,8 @@ impl RedisBroker {
             .ignore()
             .zadd(self.key("agents:deadlines"), agent_id, presence.expires_at)
             .ignore();
-        self.timed(pipe.query_async::<()>(&mut conn)).await
+        self.timed("set_presence", pipe.query_async::<()>(&mut conn))
+            .await
     }
 
     pub async fn presence(&self, agent_ids: &[&str]) -> Result<Vec<Option<Presence>>> {
@@ -346,12 +366,22 @@ impl RedisBroker {
         let mut conn = self.conn().await?;
         // MGET with one key answers a bare value, so always ask through the command form.
         let values: Vec<Option<String>> = self
-            .timed(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .timed(
+                "presence",
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn),
+            )
             .await?;
         Ok(values
             .into_iter()
             .map(|v| v.and_then(|json| serde_json::from_str(&json).ok()))
             .collect())
+    }
+
+    pub async fn active_count(&self) -> Result<usize> {
+        let mut conn = self.conn().await?;
+        let cmd = redis::cmd("SCARD").arg(self.key("agents:active")).clone();
+        self.timed("active_count", cmd.query_async::<usize>(&mut conn))
+            .await
     }
 
     pub async fn remove_presence(&self, agent_id: &str) -> Result<()> {
@@ -364,7 +394,8 @@ impl RedisBroker {
             .ignore()
             .zrem(self.key("agents:deadlines"), agent_id)
             .ignore();
-        self.timed(pipe.query_async::<()>(&mut conn)).await
+        self.timed("remove_presence", pipe.query_async::<()>(&mut conn))
+            .await
     }
 
     pub async fn take_expired(&self, now: i64) -> Result<Vec<(String, i64)>> {
@@ -374,7 +405,9 @@ impl RedisBroker {
             .key(self.key("agents:active"))
             .arg(now)
             .arg(self.key("agent:"));
-        let due: Vec<(String, f64)> = self.timed(invocation.invoke_async(&mut conn)).await?;
+        let due: Vec<(String, f64)> = self
+            .timed("take_expired", invocation.invoke_async(&mut conn))
+            .await?;
         Ok(due
             .into_iter()
             .map(|(id, deadline)| (id, deadline as i64))
@@ -389,7 +422,8 @@ impl RedisBroker {
             .arg("PX")
             .arg(ttl_ms.max(1))
             .clone();
-        self.timed(cmd.query_async::<()>(&mut conn)).await
+        self.timed("cache_put", cmd.query_async::<()>(&mut conn))
+            .await
     }
 
     pub async fn cache_get(&self, key: &str) -> Result<Option<String>> {
@@ -397,7 +431,7 @@ impl RedisBroker {
         let cmd = redis::cmd("GET")
             .arg(self.key(&format!("cache:{key}")))
             .clone();
-        self.timed(cmd.query_async::<Option<String>>(&mut conn))
+        self.timed("cache_get", cmd.query_async::<Option<String>>(&mut conn))
             .await
     }
 
@@ -410,8 +444,11 @@ impl RedisBroker {
             .iter()
             .map(|k| self.key(&format!("cache:{k}")))
             .collect();
-        self.timed(redis::cmd("DEL").arg(keys).query_async::<()>(&mut conn))
-            .await
+        self.timed(
+            "cache_del",
+            redis::cmd("DEL").arg(keys).query_async::<()>(&mut conn),
+        )
+        .await
     }
 
     fn hot_keys(&self, key: &str) -> (String, String) {
@@ -432,7 +469,7 @@ impl RedisBroker {
             .lrange(&log, 0, -1);
         type Fields = (Option<i64>, Option<String>, Option<String>);
         let ((version, record, complete), entries): (Fields, Vec<String>) =
-            self.timed(pipe.query_async(&mut conn)).await?;
+            self.timed("hot_get", pipe.query_async(&mut conn)).await?;
         Ok(version.map(|version| Hot {
             version,
             record,
@@ -479,7 +516,7 @@ impl RedisBroker {
                 invocation.arg(previous);
             }
         }
-        self.timed(invocation.invoke_async::<i64>(&mut conn))
+        self.timed("hot_write", invocation.invoke_async::<i64>(&mut conn))
             .await
             .map(drop)
     }
@@ -487,7 +524,7 @@ impl RedisBroker {
     /// Ready when a command round trip works and the event subscription is established.
     pub async fn ping(&self) -> Result<()> {
         let mut conn = self.conn().await?;
-        self.timed(redis::cmd("PING").query_async::<()>(&mut conn))
+        self.timed("ping", redis::cmd("PING").query_async::<()>(&mut conn))
             .await?;
         if !self.subscribed.load(Ordering::Acquire) {
             return Err(Error::Unavailable(

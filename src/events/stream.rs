@@ -124,10 +124,10 @@ pub async fn agent_stream(
     let ws = ws.map_err(not_a_websocket)?;
     let who = match state.authenticate(&headers).await {
         Ok(who) => who,
-        Err(e) => return refuse(ws, &headers, &e),
+        Err(e) => return refuse(ws, &headers, &e, &state.metrics),
     };
     if let Err(e) = who.require_read_of(&agent_id) {
-        return refuse(ws, &headers, &e);
+        return refuse(ws, &headers, &e, &state.metrics);
     }
     let slot = match &who {
         Principal::Agent(me) => Some(
@@ -177,10 +177,10 @@ pub async fn firehose(
     let ws = ws.map_err(not_a_websocket)?;
     let who = match state.authenticate(&headers).await {
         Ok(who) => who,
-        Err(e) => return refuse(ws, &headers, &e),
+        Err(e) => return refuse(ws, &headers, &e, &state.metrics),
     };
     if let Err(e) = who.require_reader() {
-        return refuse(ws, &headers, &e);
+        return refuse(ws, &headers, &e, &state.metrics);
     }
     let interest = Interest::Topics(topics);
     let (subscription, start) = open(&state, &interest, since).await?;
@@ -235,13 +235,22 @@ fn upgrade(ws: WebSocketUpgrade, headers: &HeaderMap) -> WebSocketUpgrade {
 }
 
 /// Completes the handshake only to close with 4401/4403: browsers cannot read an HTTP status.
-fn refuse(ws: WebSocketUpgrade, headers: &HeaderMap, error: &Error) -> Result<Response> {
+fn refuse(
+    ws: WebSocketUpgrade,
+    headers: &HeaderMap,
+    error: &Error,
+    metrics: &crate::ops::metrics::Metrics,
+) -> Result<Response> {
     let code = match error {
         Error::Unauthorized(_) => 4401,
         Error::Forbidden(_) => 4403,
         _ => return Err(Error::Unavailable(error.to_string())),
     };
     let reason = error.to_string();
+    metrics
+        .stream_closes
+        .with_label_values(&[close_reason(code)])
+        .inc();
     Ok(upgrade(ws, headers)
         .on_upgrade(move |mut socket| async move {
             let _ = socket.send(close_frame(code, &reason)).await;
@@ -321,6 +330,7 @@ async fn serve(
     _slot: Option<Slot>,
 ) {
     let _tracked = state.tracker.token();
+    state.metrics.streams_open.inc();
     let end: Result<std::convert::Infallible, End> = async {
         let mut last_seq = match start {
             Start::Live(seq) => seq,
@@ -363,12 +373,31 @@ async fn serve(
         }
     }
     .await;
+    state.metrics.streams_open.dec();
+    let why = match &end {
+        Err(End::Close(code, _)) => close_reason(*code),
+        _ => "client_gone",
+    };
+    state.metrics.stream_closes.with_label_values(&[why]).inc();
     if let Err(End::Close(code, reason)) = end {
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             socket.send(close_frame(code, reason)),
         )
         .await;
+    }
+}
+
+/// The metrics' name of a close code.
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        4401 => "unauthorized",
+        4403 => "forbidden",
+        4008 => "slow_consumer",
+        1012 => "server_restart",
+        1008 => "no_pong",
+        1009 => "frame_too_big",
+        _ => "other",
     }
 }
 

@@ -489,6 +489,7 @@ pub async fn accept(
         )));
     }
     let from = h.from_agent.clone();
+    let initiated_at = h.created_at;
     let handoff = move_to(
         &mut tx,
         h,
@@ -500,6 +501,11 @@ pub async fn accept(
     )
     .await?;
     tx.commit(&state.broker).await?;
+    let waited_ms = (now_ms() - initiated_at).max(0);
+    state
+        .metrics
+        .handoff_accept
+        .observe(waited_ms as f64 / 1000.0);
     Ok(handoff)
 }
 

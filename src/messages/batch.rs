@@ -11,6 +11,7 @@
 //! statement committed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use super::{NewMessage, SendReceipt, db, refusal};
 use crate::broker::Broker;
 use crate::common::new_id;
 use crate::error::{Error, Result};
+use crate::ops::metrics::Metrics;
 use crate::store::{AutoCommit, Store};
 
 /// Most requests committed together.
@@ -70,18 +72,25 @@ pub struct Batcher {
 pub struct Committer {
     store: Store,
     broker: Broker,
+    metrics: Arc<Metrics>,
     queue_cap: u32,
     jobs: mpsc::Receiver<Job>,
 }
 
 /// Creates the pair; the app runs the committer as a task.
-pub fn channel(store: Store, broker: Broker, queue_cap: u32) -> (Batcher, Committer) {
+pub fn channel(
+    store: Store,
+    broker: Broker,
+    metrics: Arc<Metrics>,
+    queue_cap: u32,
+) -> (Batcher, Committer) {
     let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
     (
         Batcher { jobs: tx },
         Committer {
             store,
             broker,
+            metrics,
             queue_cap,
             jobs: rx,
         },
@@ -168,6 +177,13 @@ impl Committer {
         }
         // Acks emit no event: one autocommit statement, no transaction round trips.
         let acked = apply_acks(&mut conn, &acks).await;
+        if let Ok(results) = &acked {
+            let n = results.iter().filter(|r| r.is_ok()).count();
+            self.metrics
+                .messages
+                .with_label_values(&["acked"])
+                .inc_by(n as u64);
+        }
         reply_each(acks.into_iter().map(|j| j.reply), acked);
         // Claims last, so they see this batch's sends; each is its own statement and answer.
         for job in claims {
@@ -186,6 +202,19 @@ impl Committer {
                 job.now,
             )
             .await;
+            if let Ok(messages) = &claimed {
+                let n = messages.len() as u64;
+                self.metrics
+                    .messages
+                    .with_label_values(&["claimed"])
+                    .inc_by(n);
+                if job.auto_ack {
+                    self.metrics
+                        .messages
+                        .with_label_values(&["acked"])
+                        .inc_by(n);
+                }
+            }
             let _ = job.reply.send(claimed);
         }
     }

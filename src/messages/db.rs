@@ -60,6 +60,15 @@ pub struct Insert<'a> {
 /// 32 766, and more than a write batch holds, so a batch is one atomic statement). The
 /// triggers log each one's `new_message` event and skip any over its recipient's cap; returns the
 /// ids that went in.
+/// Messages by state (`queued`, `claimed`, `acked`, `dead`), for the metrics.
+pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
+    Ok(
+        sqlx::query_as("SELECT state, COUNT(*) FROM message GROUP BY state ORDER BY state")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
 pub async fn insert_many(
     conn: &mut SqliteConnection,
     messages: &[Insert<'_>],

@@ -351,7 +351,9 @@ pub async fn nack(state: &AppState, agent_id: &str, message_id: &str, body: Nack
             if new_state == "dead" {
                 tx.emit(dead_lettered(agent_id, message_id, i64::from(max)));
             }
-            tx.commit(&state.broker).await
+            tx.commit(&state.broker).await?;
+            state.metrics.messages.with_label_values(&["nacked"]).inc();
+            Ok(())
         }
         None => Err(explain(&mut tx, agent_id, message_id, &body.lease_id).await?),
     }

@@ -1,4 +1,6 @@
-//! Operations endpoints: liveness, readiness and the OpenAPI document.
+//! Operations endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document.
+
+pub mod metrics;
 
 use axum::Router;
 use axum::extract::State;
@@ -15,6 +17,42 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(prometheus_metrics))
+}
+
+/// Prometheus metrics in the text exposition format (the gauges of shared state are read now).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format, version 0.0.4",
+               content_type = "text/plain")))]
+pub async fn prometheus_metrics(State(state): State<AppState>) -> Result<Response, Error> {
+    let metrics = &state.metrics;
+    let reader = state.store.reader();
+    metrics.queue.reset();
+    for (gauge_state, count) in crate::messages::db::count_by_state(reader).await? {
+        metrics.queue.with_label_values(&[&gauge_state]).set(count);
+    }
+    metrics
+        .sessions_active
+        .set(crate::sessions::db::count_active(reader).await?);
+    metrics.workflows_active.reset();
+    for (pattern, count) in crate::workflows::db::count_executing(reader).await? {
+        metrics
+            .workflows_active
+            .with_label_values(&[&pattern])
+            .set(count);
+    }
+    // Presence lives in the broker: when it is down the gauge keeps its last value.
+    if let Ok(active) = state.broker.active_count(crate::common::now_ms()).await {
+        metrics.agents_active.set(active as i64);
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+        .into_response())
 }
 
 /// `{status}` of the probes.

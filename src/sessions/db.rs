@@ -131,6 +131,15 @@ pub async fn set_status(
         .transpose()
 }
 
+/// Sessions active now, for the metrics.
+pub async fn count_active(pool: &SqlitePool) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM session WHERE status = 'active'")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
 /// Whether any active session is idle past its deadline (for `Store::any_due`).
 pub const ANY_DUE: &str =
     "SELECT EXISTS (SELECT 1 FROM session WHERE status = 'active' AND expires_at <= ?)";

@@ -646,6 +646,15 @@ pub async fn prune_triggers(conn: &mut SqliteConnection, before: i64) -> Result<
         .rows_affected())
 }
 
+/// Runs executing now by pattern, for the metrics.
+pub async fn count_executing(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT pattern, COUNT(*) FROM workflow WHERE status = 'executing' GROUP BY pattern",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Whether a timer has anything to do (for `Store::any_due`).
 pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM workflow_step
     WHERE status IN ('dispatched', 'pending', 'waiting') AND due_at <= ?)";

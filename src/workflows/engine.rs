@@ -465,8 +465,11 @@ pub async fn attempt_ended(
             step.attempts, step.step_id
         )));
     }
+    // The attempt went out at its deadline less its timeout.
+    let dispatched_at = step.due_at.unwrap_or(now) - step.timeout_ms;
     let mut data = json!({"workflow_id": run.workflow_id, "step_id": step.step_id,
-                          "agent_id": step.agent_id, "attempt": step.attempts, "status": to});
+                          "agent_id": step.agent_id, "attempt": step.attempts, "status": to,
+                          "duration_ms": (now - dispatched_at).max(0)});
     if let Some(error) = error {
         data["error"] = json!(error);
     }

@@ -13,6 +13,7 @@ mod handoffs;
 mod inputs;
 mod memory;
 mod messages;
+mod metrics;
 mod openapi;
 mod sessions;
 mod streams;

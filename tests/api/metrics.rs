@@ -1,0 +1,147 @@
+//! Prometheus metrics move with real traffic, and `promtool check metrics` finds no problem in
+//! the exposition.
+
+use std::process::Stdio;
+
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::both_brokers;
+use crate::harness::TestApp;
+
+async fn scrape(app: &TestApp) -> String {
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    response.text().await.unwrap()
+}
+
+/// The value of the sample `series` (name with its labels, as exposed), 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+both_brokers!(counters_and_gauges_move_with_traffic, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    let before = scrape(&app).await;
+    let mut stream = app.ws("/v1/agents/worker/stream", &[]).await.unwrap();
+    for n in 0..10 {
+        app.send("worker", "boss", json!(n), 0).await;
+    }
+    for _ in 0..10 {
+        stream.frame().await;
+    }
+    let after = scrape(&app).await;
+    let grew = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(
+        grew(r#"ltmc_messages_total{outcome="sent"}"#),
+        10.0,
+        "{after}"
+    );
+    assert_eq!(
+        grew(
+            r#"ltmc_http_requests_total{method="POST",route="/v1/agents/{agent_id}/messages",status="202"}"#
+        ),
+        10.0
+    );
+    assert_eq!(
+        sample(&after, r#"ltmc_queue_messages{state="queued"}"#),
+        10.0
+    );
+    assert_eq!(sample(&after, "ltmc_streams_open"), 1.0);
+
+    let claimed = app
+        .claim("worker", json!({"limit": 4, "auto_ack": true}))
+        .await;
+    assert_eq!(claimed.len(), 4);
+    let run = app
+        .post(
+            "/v1/workflows",
+            json!({"name": "m", "pattern": "parallel", "steps": [{"step_id": "s", "agent": "w"}]}),
+        )
+        .await
+        .1;
+    let step = app.claim("w", json!({"auto_ack": true})).await;
+    let path = format!(
+        "/v1/workflows/{}/steps/s/result",
+        run["workflow_id"].as_str().unwrap()
+    );
+    let body = json!({"agent_id": "w", "attempt": step[0]["content"]["attempt"], "success": true});
+    assert_eq!(app.post(&path, body).await.0, 200);
+    drop(stream);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let last = scrape(&app).await;
+    let grew = |series: &str| sample(&last, series) - sample(&before, series);
+    assert_eq!(grew(r#"ltmc_messages_total{outcome="claimed"}"#), 5.0);
+    assert_eq!(grew(r#"ltmc_messages_total{outcome="acked"}"#), 5.0);
+    assert_eq!(sample(&last, r#"ltmc_queue_messages{state="queued"}"#), 6.0);
+    assert_eq!(
+        grew(r#"ltmc_workflows_total{pattern="parallel",status="completed"}"#),
+        1.0
+    );
+    assert_eq!(
+        grew(r#"ltmc_workflow_steps_total{outcome="succeeded"}"#),
+        1.0
+    );
+    assert_eq!(sample(&last, "ltmc_streams_open"), 0.0);
+    assert_eq!(
+        grew(r#"ltmc_stream_closes_total{reason="client_gone"}"#),
+        1.0
+    );
+    app.stop().await;
+});
+
+// The exposition passes `promtool check metrics` (Prometheus' own linter) after traffic that
+// touches every family.
+both_brokers!(promtool_finds_no_problem, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    app.register("w", &["x"]).await;
+    app.send("w", "boss", json!("hi"), 3).await;
+    let (_, handoff) = app
+        .post(
+            "/v1/handoffs",
+            json!({"from_agent": "boss", "to_agent": "w", "context": {}}),
+        )
+        .await;
+    let accept = format!(
+        "/v1/handoffs/{}/accept",
+        handoff["handoff_id"].as_str().unwrap()
+    );
+    assert_eq!(app.post(&accept, json!({"agent_id": "w"})).await.0, 200);
+    app.post("/v1/sessions", json!({"session_type": "t"})).await;
+    app.get("/v1/nope").await;
+    let text = scrape(&app).await;
+    let mut promtool = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool must be on PATH for the metrics test (apt-get install prometheus)");
+    let mut stdin = promtool.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = promtool.wait_with_output().await.unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "{said}\n{text}"
+    );
+    assert!(
+        text.contains("ltmc_handoff_accept_seconds_count 1"),
+        "{text}"
+    );
+    assert!(text.contains(r#"route="unmatched",status="404""#), "{text}");
+    app.stop().await;
+});
