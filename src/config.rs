@@ -2,6 +2,7 @@
 //! is the configuration reference. Values are validated while parsing; a bad one stops start-up
 //! with one line naming the setting (exit code 2, see `main.rs`).
 
+use crate::ops::sla::Thresholds;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -76,8 +77,22 @@ pub struct Config {
     #[arg(long, env = "LTMC_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
     pub log_format: String,
 
+    /// SLA thresholds over the seed's table: a JSON object with any of its components and
+    /// values, e.g. `{"agent_handoff": {"max_handoff_time_ms": 200}}` (`GET /v1/sla` shows them all).
+    #[arg(long, env = "LTMC_SLA_THRESHOLDS", default_value = "{}", value_parser = parse_sla, global = true)]
+    pub sla_thresholds: Thresholds,
+
+    /// Seconds of recent measures `GET /v1/sla` compares with the thresholds.
+    #[arg(long, env = "LTMC_SLA_WINDOW_S", default_value_t = 300,
+          value_parser = clap::value_parser!(u32).range(1..=86_400), global = true)]
+    pub sla_window_s: u32,
+
     #[command(flatten)]
     pub limits: Limits,
+}
+
+fn parse_sla(value: &str) -> Result<Thresholds, String> {
+    Thresholds::with_overrides(value)
 }
 
 /// Limits and timings, each with the API contract's default.

@@ -186,10 +186,17 @@ impl RedisBroker {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(unavailable("command timed out")),
         };
+        let elapsed = started.elapsed().as_secs_f64();
         self.metrics
             .broker_ops
             .with_label_values(&[operation])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(elapsed);
+        let now = crate::common::now_ms();
+        self.metrics.sla.record(
+            crate::ops::sla::Measure::BrokerOperation,
+            now,
+            elapsed * 1000.0,
+        );
         if result.is_err() {
             self.metrics
                 .broker_errors

@@ -12,6 +12,7 @@
 pub mod db;
 pub mod routes;
 
+use crate::ops::sla::Measure;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -483,6 +484,8 @@ pub async fn accept(
     if let Some(digest) = &body.context_digest
         && !digest.eq_ignore_ascii_case(&h.context_digest)
     {
+        let metrics = &state.metrics;
+        metrics.sla.record(Measure::ContextPreserved, now_ms(), 0.0);
         return Err(Error::Conflict(format!(
             "context digest mismatch: the stored context hashes to {}",
             h.context_digest
@@ -501,11 +504,16 @@ pub async fn accept(
     )
     .await?;
     tx.commit(&state.broker).await?;
-    let waited_ms = (now_ms() - initiated_at).max(0);
-    state
-        .metrics
-        .handoff_accept
-        .observe(waited_ms as f64 / 1000.0);
+    let now = now_ms();
+    let waited_ms = (now - initiated_at).max(0);
+    let metrics = &state.metrics;
+    metrics.handoff_accept.observe(waited_ms as f64 / 1000.0);
+    metrics
+        .sla
+        .record(Measure::HandoffTime, now, waited_ms as f64);
+    if body.context_digest.is_some() {
+        metrics.sla.record(Measure::ContextPreserved, now, 1.0);
+    }
     Ok(handoff)
 }
 

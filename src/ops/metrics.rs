@@ -17,7 +17,9 @@ use prometheus::{
 };
 
 use crate::app::AppState;
+use crate::common::now_ms;
 use crate::events::Event;
+use crate::ops::sla::{Measure, Windows};
 
 /// Latency buckets in seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -50,6 +52,8 @@ pub struct Metrics {
     pub agents_active: IntGauge,
     pub sessions_active: IntGauge,
     pub workflows_active: IntGaugeVec,
+    /// The SLA report's sliding windows.
+    pub sla: Windows,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -200,6 +204,7 @@ impl Metrics {
                 &["pattern"],
             ),
             registry: r,
+            sla: Windows::default(),
         }
     }
 
@@ -217,6 +222,14 @@ impl Metrics {
             kind if kind.starts_with("handoff.") => {
                 let outcome = kind.trim_start_matches("handoff.");
                 self.handoffs.with_label_values(&[outcome]).inc();
+                let success = match outcome {
+                    "completed" => Some(1.0),
+                    "failed" | "rejected" | "expired" => Some(0.0),
+                    _ => None,
+                };
+                if let Some(success) = success {
+                    self.sla.record(Measure::HandoffSuccess, event.at, success);
+                }
             }
             "workflow.started" => {
                 self.workflows
@@ -226,6 +239,17 @@ impl Metrics {
             "workflow.completed" | "workflow.failed" | "workflow.cancelled" => {
                 let labels = [text("pattern"), text("status")];
                 self.workflows.with_label_values(&labels).inc();
+                match event.kind.as_str() {
+                    "workflow.completed" => {
+                        self.sla.record(Measure::WorkflowCompleted, event.at, 1.0)
+                    }
+                    "workflow.failed" => self.sla.record(Measure::WorkflowCompleted, event.at, 0.0),
+                    _ => {}
+                }
+                if let Some(efficiency) = data["parallel_efficiency"].as_f64() {
+                    self.sla
+                        .record(Measure::ParallelEfficiency, event.at, efficiency);
+                }
                 if let Some(ms) = data["execution_time_ms"].as_i64() {
                     self.workflow_duration
                         .with_label_values(&labels)
@@ -239,6 +263,7 @@ impl Metrics {
                 let outcome = event.kind.trim_start_matches("workflow.step.");
                 self.workflow_steps.with_label_values(&[outcome]).inc();
                 if let Some(ms) = data["duration_ms"].as_i64() {
+                    self.sla.record(Measure::StepTime, event.at, ms as f64);
                     self.step_duration
                         .with_label_values(&[outcome])
                         .observe(Duration::from_millis(ms.max(0) as u64).as_secs_f64());
@@ -278,6 +303,21 @@ pub async fn track_http(State(state): State<AppState>, request: Request, next: N
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let response = next.run(request).await;
     let metrics = &state.metrics;
+    let elapsed = started.elapsed();
+    if response.status().is_success() {
+        let measure = match (method, route.as_str()) {
+            ("POST", "/v1/sessions") => Some(Measure::SessionCreate),
+            ("POST", "/v1/sessions/{session_id}/activities") => Some(Measure::SessionUpdate),
+            ("GET", "/v1/sessions/{session_id}") => Some(Measure::SessionRecovery),
+            ("POST", "/v1/agents/{agent_id}/messages") => Some(Measure::MessageDelivery),
+            ("POST", "/v1/syncs") => Some(Measure::StateSync),
+            _ => None,
+        };
+        if let Some(measure) = measure {
+            let ms = elapsed.as_secs_f64() * 1000.0;
+            metrics.sla.record(measure, now_ms(), ms);
+        }
+    }
     let status = response.status().as_u16().to_string();
     metrics
         .http_requests
@@ -286,6 +326,6 @@ pub async fn track_http(State(state): State<AppState>, request: Request, next: N
     metrics
         .http_duration
         .with_label_values(&[method, &route])
-        .observe(started.elapsed().as_secs_f64());
+        .observe(elapsed.as_secs_f64());
     response
 }

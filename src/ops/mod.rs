@@ -1,6 +1,7 @@
 //! Operations endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document.
 
 pub mod metrics;
+pub mod sla;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,6 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::{Error, Json, Problem};
 
 pub fn router() -> Router<AppState> {
@@ -18,6 +20,25 @@ pub fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(prometheus_metrics))
+        .route("/v1/sla", get(sla_report))
+}
+
+/// SLA compliance: the thresholds (the seed's table, configurable) against this instance's
+/// measures over the sliding window (p95 latencies, success rates).
+#[utoipa::path(get, path = "/v1/sla", tag = "operations",
+    responses((status = 200, body = sla::SlaReport), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn sla_report(
+    State(state): State<AppState>,
+    who: Principal,
+) -> Result<Json<sla::SlaReport>, Error> {
+    who.require_reader()?;
+    let config = &state.config;
+    Ok(Json(sla::report(
+        &state.metrics.sla,
+        &config.sla_thresholds,
+        config.sla_window_s,
+        crate::common::now_ms(),
+    )))
 }
 
 /// Prometheus metrics in the text exposition format (the gauges of shared state are read now).

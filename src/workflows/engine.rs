@@ -627,11 +627,15 @@ async fn run_ended(tx: &mut Writer, run: &RunRow, status: &str, now: i64) -> Res
         )));
     }
     let duration_ms = now - run.created_at;
-    let agents: BTreeSet<String> = db::steps(tx.conn(), &run.workflow_id)
-        .await?
-        .into_iter()
-        .filter_map(|s| s.agent_id)
-        .collect();
+    let steps = db::steps(tx.conn(), &run.workflow_id).await?;
+    // How much of the run's time its steps ran side by side: Σ step time / (steps × run time).
+    let worked: i64 = steps
+        .iter()
+        .filter_map(|s| Some(s.finished_at? - s.started_at?))
+        .sum();
+    let efficiency = (run.pattern == "parallel" && status == "completed" && duration_ms > 0)
+        .then(|| (worked as f64 / (steps.len() as f64 * duration_ms as f64)).min(1.0));
+    let agents: BTreeSet<String> = steps.into_iter().filter_map(|s| s.agent_id).collect();
     let kind = match status {
         "completed" => "workflow.completed",
         "failed" => "workflow.failed",
@@ -640,7 +644,8 @@ async fn run_ended(tx: &mut Writer, run: &RunRow, status: &str, now: i64) -> Res
     tx.emit(event(
         kind,
         json!({"workflow_id": run.workflow_id, "name": run.name, "pattern": run.pattern,
-               "status": status, "execution_time_ms": duration_ms}),
+               "status": status, "execution_time_ms": duration_ms,
+               "parallel_efficiency": efficiency}),
     ));
     memory::store_memory(
         tx,

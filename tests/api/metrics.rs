@@ -145,3 +145,51 @@ both_brokers!(promtool_finds_no_problem, |kind| async move {
     assert!(text.contains(r#"route="unmatched",status="404""#), "{text}");
     app.stop().await;
 });
+
+// The SLA report compares the window's measures with the thresholds: compliant with the seed's
+// table, non-compliant once a threshold is configured below what was measured.
+both_brokers!(
+    sla_turns_non_compliant_below_measured_latency,
+    |kind| async move {
+        let app = TestApp::spawn(kind).await;
+        let strict = TestApp::spawn_with(crate::harness::Options::new(kind).configure(|c| {
+            c.sla_thresholds = ltmc::ops::sla::Thresholds::with_overrides(
+                r#"{"session_management": {"session_creation_time_ms": 0}}"#,
+            )
+            .unwrap();
+        }))
+        .await;
+        for app in [&app, &strict] {
+            assert_eq!(
+                app.post("/v1/sessions", json!({"session_type": "t"}))
+                    .await
+                    .0,
+                201
+            );
+        }
+        let (status, relaxed) = app.get("/v1/sla").await;
+        assert_eq!(status, 200, "{relaxed}");
+        assert_eq!(relaxed["overall_compliant"], true, "{relaxed}");
+        let session = &relaxed["components"]["session_management"];
+        assert!(
+            session["measured"]["session_creation_time_ms"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
+        assert_eq!(session["thresholds"]["session_creation_time_ms"], 100.0);
+        assert_eq!(
+            relaxed["components"]["workflow_execution"]["measured"]["workflow_completion_rate"],
+            json!(null)
+        );
+
+        let (_, report) = strict.get("/v1/sla").await;
+        assert_eq!(report["overall_compliant"], false, "{report}");
+        let session = &report["components"]["session_management"];
+        assert_eq!(session["compliant"], false);
+        assert_eq!(session["violations"], json!(["session_creation_time_ms"]));
+        assert_eq!(report["components"]["agent_handoff"]["compliant"], true);
+        strict.stop().await;
+        app.stop().await;
+    }
+);
