@@ -210,6 +210,7 @@ impl Metrics {
 
     /// Counts what a committed event of this instance says happened.
     pub fn observe(&self, event: &Event) {
+        self.sla.record(Measure::Operation, event.at, 1.0);
         let data = &event.data;
         let text = |key: &str| data[key].as_str().unwrap_or("unknown").to_owned();
         match event.kind.as_str() {
@@ -251,6 +252,10 @@ impl Metrics {
                         .record(Measure::ParallelEfficiency, event.at, efficiency);
                 }
                 if let Some(ms) = data["execution_time_ms"].as_i64() {
+                    if event.kind != "workflow.cancelled" {
+                        self.sla
+                            .record(Measure::WorkflowDuration, event.at, ms as f64);
+                    }
                     self.workflow_duration
                         .with_label_values(&labels)
                         .observe(Duration::from_millis(ms.max(0) as u64).as_secs_f64());

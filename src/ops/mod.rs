@@ -1,6 +1,7 @@
 //! Operations endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document.
 
 pub mod metrics;
+pub mod report;
 pub mod sla;
 
 use axum::Router;
@@ -21,6 +22,20 @@ pub fn router() -> Router<AppState> {
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(prometheus_metrics))
         .route("/v1/sla", get(sla_report))
+        .route("/v1/metrics", get(metrics_report))
+}
+
+/// The orchestration metrics report: agent coordination, workflow performance, sessions, the
+/// broker and SLA compliance, from what happened over the SLA window and the state now.
+#[utoipa::path(get, path = "/v1/metrics", tag = "operations",
+    responses((status = 200, body = report::MetricsReport), (status = 401, body = Problem),
+              (status = 403, body = Problem), (status = 503, body = Problem)))]
+pub async fn metrics_report(
+    State(state): State<AppState>,
+    who: Principal,
+) -> Result<Json<report::MetricsReport>, Error> {
+    who.require_reader()?;
+    Ok(Json(report::build(&state).await?))
 }
 
 /// SLA compliance: the thresholds (the seed's table, configurable) against this instance's

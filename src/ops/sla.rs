@@ -36,6 +36,10 @@ pub enum Measure {
     BrokerOperation,
     /// A context sync (ms).
     StateSync,
+    /// A workflow run, submit to end (ms).
+    WorkflowDuration,
+    /// A state change committed (one per event; the value is unused).
+    Operation,
 }
 
 /// The sliding windows of every measure.
@@ -56,7 +60,7 @@ impl Windows {
     }
 
     /// The samples of `measure` since `since`, dropping older ones.
-    fn recent(&self, measure: Measure, since: i64) -> Vec<f64> {
+    pub fn recent(&self, measure: Measure, since: i64) -> Vec<f64> {
         let mut samples = self.samples.lock().expect("sla lock");
         let Some(window) = samples.get_mut(&measure) else {
             return Vec::new();

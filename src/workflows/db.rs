@@ -646,6 +646,15 @@ pub async fn prune_triggers(conn: &mut SqliteConnection, before: i64) -> Result<
         .rows_affected())
 }
 
+/// Runs ever submitted, by pattern, for the metrics report.
+pub async fn count_by_pattern(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
+    Ok(
+        sqlx::query_as("SELECT pattern, COUNT(*) FROM workflow GROUP BY pattern")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
 /// Runs executing now by pattern, for the metrics.
 pub async fn count_executing(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
     Ok(sqlx::query_as(

@@ -193,3 +193,104 @@ both_brokers!(
         app.stop().await;
     }
 );
+
+// The JSON report is computed from what happened: a handoff accepted and completed, a session, a
+// parallel workflow run to completion by a registered agent.
+both_brokers!(metrics_report_reflects_what_happened, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    app.register("w", &["x"]).await;
+    let (_, empty) = app.get("/v1/metrics").await;
+    assert_eq!(
+        empty["agent_coordination"]["average_handoff_time_ms"],
+        json!(null)
+    );
+    assert_eq!(
+        empty["workflow_performance"]["workflow_completion_rate"],
+        json!(null)
+    );
+
+    let (_, handoff) = app
+        .post(
+            "/v1/handoffs",
+            json!({"from_agent": "boss", "to_agent": "w", "context": {"k": 1}}),
+        )
+        .await;
+    let id = handoff["handoff_id"].as_str().unwrap();
+    let digest = handoff["context_digest"].clone();
+    let accept = json!({"agent_id": "w", "context_digest": digest});
+    assert_eq!(
+        app.post(&format!("/v1/handoffs/{id}/accept"), accept)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        app.post(&format!("/v1/handoffs/{id}/complete"), json!({}))
+            .await
+            .0,
+        200
+    );
+    app.post("/v1/sessions", json!({"session_type": "t"})).await;
+    let run = app
+        .post(
+            "/v1/workflows",
+            json!({"name": "r", "pattern": "parallel", "steps": [
+                {"step_id": "a", "agent": "w"}, {"step_id": "b", "agent": "w"}]}),
+        )
+        .await
+        .1;
+    let (_, during) = app.get("/v1/metrics").await;
+    assert_eq!(during["workflow_performance"]["active_workflows"], 1);
+    // Two steps held out of w's capacity of one task (the default): utilisation counts them.
+    assert!(
+        during["agent_coordination"]["agent_utilization"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let claimed = app.claim("w", json!({"limit": 10, "auto_ack": true})).await;
+    for step in claimed
+        .iter()
+        .filter(|m| m["message_type"] == "workflow.step")
+    {
+        let path = format!(
+            "/v1/workflows/{}/steps/{}/result",
+            run["workflow_id"].as_str().unwrap(),
+            step["content"]["step_id"].as_str().unwrap()
+        );
+        let body = json!({"agent_id": "w", "attempt": step["content"]["attempt"], "success": true});
+        assert_eq!(app.post(&path, body).await.0, 200);
+    }
+    let (status, report) = app.get("/v1/metrics").await;
+    assert_eq!(status, 200, "{report}");
+    let agents = &report["agent_coordination"];
+    assert_eq!(agents["active_agents"], 1);
+    assert!(agents["average_handoff_time_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(agents["coordination_success_rate"], 1.0);
+    assert!(
+        agents["coordination_operations_per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let workflows = &report["workflow_performance"];
+    assert_eq!(workflows["active_workflows"], 0);
+    assert_eq!(workflows["workflow_completion_rate"], 1.0);
+    assert_eq!(workflows["workflow_pattern_usage"], json!({"parallel": 1}));
+    assert!(workflows["parallel_efficiency"].as_f64().unwrap() > 0.0);
+    assert!(workflows["average_workflow_duration_ms"].as_f64().is_some());
+    assert_eq!(report["session_management"]["active_sessions"], 1);
+    assert_eq!(
+        report["session_management"]["sessions_created_in_window"],
+        1
+    );
+    assert_eq!(
+        report["broker_performance"]["broker"],
+        app.state.broker.name()
+    );
+    assert_eq!(
+        report["sla_compliance"]["overall_compliant"].is_boolean(),
+        true
+    );
+    app.stop().await;
+});
