@@ -288,9 +288,6 @@ both_brokers!(metrics_report_reflects_what_happened, |kind| async move {
         report["broker_performance"]["broker"],
         app.state.broker.name()
     );
-    assert_eq!(
-        report["sla_compliance"]["overall_compliant"].is_boolean(),
-        true
-    );
+    assert!(report["sla_compliance"]["overall_compliant"].is_boolean());
     app.stop().await;
 });
