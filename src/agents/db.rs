@@ -162,6 +162,19 @@ pub async fn list(
 }
 
 /// The agent a token hash belongs to.
+/// Agents whose capability index (agent_capability) differs from their record, for diagnostics.
+pub async fn inconsistent_capabilities(pool: &SqlitePool) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM agent a
+         WHERE (SELECT COUNT(DISTINCT value) FROM json_each(a.capabilities))
+            != (SELECT COUNT(*) FROM agent_capability c WHERE c.agent_id = a.agent_id)
+            OR EXISTS (SELECT 1 FROM agent_capability c WHERE c.agent_id = a.agent_id
+                       AND c.capability NOT IN (SELECT value FROM json_each(a.capabilities)))",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 pub async fn agent_by_token_hash(pool: &SqlitePool, hash: &str) -> Result<Option<String>> {
     Ok(
         sqlx::query_scalar("SELECT agent_id FROM agent WHERE token_hash = ?")

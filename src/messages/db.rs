@@ -60,6 +60,29 @@ pub struct Insert<'a> {
 /// 32 766, and more than a write batch holds, so a batch is one atomic statement). The
 /// triggers log each one's `new_message` event and skip any over its recipient's cap; returns the
 /// ids that went in.
+/// Messages still claimed under a lease that ran out before `before` (the reaper should have
+/// taken them back), for diagnostics.
+pub async fn stuck_leases(pool: &SqlitePool, before: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM message WHERE state = 'claimed' AND lease_expires_at < ?",
+    )
+    .bind(before)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Messages dead-lettered since `since`, for diagnostics.
+pub async fn dead_lettered_since(pool: &SqlitePool, since: i64) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM message WHERE state = 'dead' AND finished_at >= ?",
+        )
+        .bind(since)
+        .fetch_one(pool)
+        .await?,
+    )
+}
+
 /// Messages by state (`queued`, `claimed`, `acked`, `dead`), for the metrics.
 pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
     Ok(

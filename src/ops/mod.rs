@@ -1,5 +1,6 @@
 //! Operations endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document.
 
+pub mod diagnostics;
 pub mod metrics;
 pub mod report;
 pub mod sla;
@@ -23,6 +24,21 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(prometheus_metrics))
         .route("/v1/sla", get(sla_report))
         .route("/v1/metrics", get(metrics_report))
+        .route("/v1/diagnostics", get(diagnose))
+}
+
+/// Diagnostics: the health checks run now (store and broker connectivity, registry, a messaging
+/// round trip, stuck leases, dead letters, overdue workflow steps, SLAs), the issues found,
+/// recommendations and a health score. Always answers 200, also when a backing service is down.
+#[utoipa::path(get, path = "/v1/diagnostics", tag = "operations",
+    responses((status = 200, body = diagnostics::Diagnostics), (status = 401, body = Problem),
+              (status = 403, body = Problem)))]
+pub async fn diagnose(
+    State(state): State<AppState>,
+    who: Principal,
+) -> Result<Json<diagnostics::Diagnostics>, Error> {
+    who.require_reader()?;
+    Ok(Json(diagnostics::run(&state).await))
 }
 
 /// The orchestration metrics report: agent coordination, workflow performance, sessions, the

@@ -82,6 +82,39 @@ pub struct SlaSummary {
     pub redis_coordination: bool,
 }
 
+/// The present agents and how much of their capacity they use.
+pub struct Load {
+    pub present: usize,
+    /// Tasks in hand (held steps, or the heartbeat's count when more) / capacity, over present
+    /// agents; None with none present.
+    pub utilisation: Option<f64>,
+}
+
+/// Presence from the broker, capacity from the store, tasks in hand from both.
+pub async fn load(state: &AppState, now: i64) -> Result<Load> {
+    let reader = state.store.reader();
+    let agents = crate::agents::db::list(reader, None, "", UTILISATION_AGENTS).await?;
+    let ids: Vec<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
+    let presence = state.broker.presence(&ids, now).await?;
+    let held: std::collections::HashMap<String, i64> = crate::workflows::db::held(reader, &ids)
+        .await?
+        .into_iter()
+        .collect();
+    let (mut in_hand, mut capacity, mut present) = (0i64, 0i64, 0usize);
+    for (agent, presence) in agents.iter().zip(&presence) {
+        if let Some(p) = presence {
+            present += 1;
+            let steps = held.get(&agent.agent_id).copied().unwrap_or(0);
+            in_hand += steps.max(i64::from(p.current_tasks));
+            capacity += i64::from(agent.max_concurrent_tasks);
+        }
+    }
+    Ok(Load {
+        present,
+        utilisation: (capacity > 0).then(|| in_hand as f64 / capacity as f64),
+    })
+}
+
 fn mean(values: &[f64]) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
@@ -95,23 +128,7 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
     let recent = |measure| windows.recent(measure, since);
     let reader = state.store.reader();
 
-    // Agents: presence from the broker, capacity from the store, tasks in hand from both.
-    let agents = crate::agents::db::list(reader, None, "", UTILISATION_AGENTS).await?;
-    let ids: Vec<&str> = agents.iter().map(|a| a.agent_id.as_str()).collect();
-    let presence = state.broker.presence(&ids, now).await?;
-    let held: std::collections::HashMap<String, i64> = crate::workflows::db::held(reader, &ids)
-        .await?
-        .into_iter()
-        .collect();
-    let (mut in_hand, mut capacity, mut active) = (0i64, 0i64, 0usize);
-    for (agent, presence) in agents.iter().zip(&presence) {
-        if let Some(p) = presence {
-            active += 1;
-            let steps = held.get(&agent.agent_id).copied().unwrap_or(0);
-            in_hand += steps.max(i64::from(p.current_tasks));
-            capacity += i64::from(agent.max_concurrent_tasks);
-        }
-    }
+    let load = load(state, now).await?;
     let mut outcomes = recent(Measure::HandoffSuccess);
     let completions = recent(Measure::WorkflowCompleted);
     outcomes.extend(&completions);
@@ -125,12 +142,12 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
         .sum();
     Ok(MetricsReport {
         agent_coordination: AgentCoordination {
-            active_agents: active,
+            active_agents: load.present,
             coordination_operations_per_second: recent(Measure::Operation).len() as f64
                 / f64::from(window_s),
             average_handoff_time_ms: mean(&recent(Measure::HandoffTime)),
             coordination_success_rate: mean(&outcomes),
-            agent_utilization: (capacity > 0).then(|| in_hand as f64 / capacity as f64),
+            agent_utilization: load.utilisation,
         },
         workflow_performance: WorkflowPerformance {
             active_workflows: crate::workflows::db::count_executing(reader)

@@ -646,6 +646,17 @@ pub async fn prune_triggers(conn: &mut SqliteConnection, before: i64) -> Result<
         .rows_affected())
 }
 
+/// Dispatched steps past their deadline since before `before` (the timer should have timed them
+/// out), for diagnostics.
+pub async fn overdue_steps(pool: &SqlitePool, before: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM workflow_step WHERE status = 'dispatched' AND due_at < ?",
+    )
+    .bind(before)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Runs ever submitted, by pattern, for the metrics report.
 pub async fn count_by_pattern(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
     Ok(

@@ -291,3 +291,79 @@ both_brokers!(metrics_report_reflects_what_happened, |kind| async move {
     assert!(report["sla_compliance"]["overall_compliant"].is_boolean());
     app.stop().await;
 });
+
+/// Diagnostics run the real checks: all pass on a healthy service; with Redis killed the broker
+/// check fails (the report still answers, with the issue and a recommendation), and it passes
+/// again once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnostics_fail_when_redis_dies_and_recover() {
+    let mut app = TestApp::spawn(crate::harness::Kind::Redis).await;
+    if !app.redis.as_ref().unwrap().owned() {
+        eprintln!("skipped: LTMC_TEST_REDIS_URL is a shared Redis this test must not kill");
+        return;
+    }
+    let (status, healthy) = app.get("/v1/diagnostics").await;
+    assert_eq!(status, 200, "{healthy}");
+    for name in [
+        "sqlite_connectivity",
+        "broker_connectivity",
+        "agent_registry",
+        "coordination_messaging",
+        "stuck_leases",
+        "dead_letters",
+        "overdue_workflows",
+        "sla_compliance",
+    ] {
+        let check = &healthy["checks"][name];
+        assert!(
+            check["status"] == "passed" || check["status"] == "warning",
+            "{name}: {healthy}"
+        );
+    }
+    assert_eq!(healthy["checks"]["broker_connectivity"]["status"], "passed");
+    assert_eq!(
+        healthy["checks"]["coordination_messaging"]["status"],
+        "passed"
+    );
+    let healthy_score = healthy["health_score"].as_u64().unwrap();
+
+    app.redis.as_mut().unwrap().kill().await;
+    let (status, down) = app.get("/v1/diagnostics").await;
+    assert_eq!(status, 200, "{down}");
+    assert_eq!(
+        down["checks"]["broker_connectivity"]["status"], "failed",
+        "{down}"
+    );
+    assert!(down["health_score"].as_u64().unwrap() < healthy_score);
+    assert!(
+        down["issues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i.as_str().unwrap().starts_with("broker_connectivity")),
+        "{down}"
+    );
+    assert!(
+        down["recommendations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_str().unwrap().contains("LTMC_REDIS_URL")),
+        "{down}"
+    );
+
+    app.redis.as_mut().unwrap().restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, now) = app.get("/v1/diagnostics").await;
+        if now["checks"]["broker_connectivity"]["status"] == "passed" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recovered: {now}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}

@@ -1,0 +1,296 @@
+//! Diagnostics (`GET /v1/diagnostics`): the seed's health checks run for real — store and broker
+//! connectivity and latency, registry integrity, a messaging round trip, stuck leases, dead-letter
+//! growth, overdue workflow steps, SLA compliance — each `passed`, `warning` or `failed` with its
+//! detail; the `issues` found, concrete `recommendations` (the seed's optimisation rules) and a
+//! `health_score` from 0 to 100. A check that cannot run is `failed`: the report always answers.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+use super::sla::{self, Measure};
+use crate::app::AppState;
+use crate::common::now_ms;
+use crate::messages::{self, ClaimRequest, NewMessage};
+
+/// The recipient of the messaging round trip's probe messages.
+pub const PROBE_AGENT: &str = "ltmc:diagnostics";
+/// A lease expired this long without the reaper taking it back means the reaper is stuck.
+const STUCK_AFTER_MS: i64 = 60_000;
+
+/// One check's outcome.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Check {
+    /// `passed`, `warning` or `failed`.
+    pub status: String,
+    pub detail: String,
+    /// How long the check took, where that is the point (connectivity, round trip).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+}
+
+/// `GET /v1/diagnostics`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Diagnostics {
+    /// 100 × (passed + ½ warnings) / checks.
+    pub health_score: u8,
+    pub checks: BTreeMap<String, Check>,
+    /// `<check>: <detail>` for every check that did not pass.
+    pub issues: Vec<String>,
+    pub recommendations: Vec<String>,
+    pub checked_at: String,
+}
+
+fn check(status: &str, detail: impl Into<String>, latency_ms: Option<f64>) -> Check {
+    Check {
+        status: status.to_owned(),
+        detail: detail.into(),
+        latency_ms,
+    }
+}
+
+fn ms(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Latency checks: failed on error, warning over `slow_ms`.
+fn timed(result: Result<(), String>, started: Instant, slow_ms: f64, what: &str) -> Check {
+    let latency = ms(started);
+    match result {
+        Err(e) => check("failed", format!("{what}: {e}"), Some(latency)),
+        Ok(()) if latency > slow_ms => check(
+            "warning",
+            format!("{what} answered in {latency:.1} ms (over {slow_ms} ms)"),
+            Some(latency),
+        ),
+        Ok(()) => check("passed", format!("{what} answered"), Some(latency)),
+    }
+}
+
+/// A real message through the queue: send to [`PROBE_AGENT`], claim it (auto-ack).
+async fn round_trip(state: &AppState) -> Result<(), String> {
+    let content =
+        RawValue::from_string(format!("{{\"probe\":{}}}", now_ms())).map_err(|e| e.to_string())?;
+    let probe = NewMessage {
+        from: PROBE_AGENT.to_owned(),
+        message_type: "diagnostics.probe".to_owned(),
+        content,
+        priority: 9,
+        correlation_id: None,
+    };
+    let sent = messages::send(state, PROBE_AGENT, probe, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = ClaimRequest {
+        limit: 100,
+        visibility_timeout_s: 30,
+        auto_ack: true,
+    };
+    let claimed = messages::claim(state, PROBE_AGENT, request)
+        .await
+        .map_err(|e| e.to_string())?;
+    if claimed
+        .messages
+        .iter()
+        .any(|m| m.message_id == sent.message_id)
+    {
+        Ok(())
+    } else {
+        Err("the probe message was sent but not claimed".into())
+    }
+}
+
+/// Runs every check.
+pub async fn run(state: &AppState) -> Diagnostics {
+    let now = now_ms();
+    let reader = state.store.reader();
+    let mut checks = BTreeMap::new();
+    let mut recommendations = Vec::new();
+
+    let started = Instant::now();
+    let store = state.store.ping().await.map_err(|e| e.to_string());
+    checks.insert(
+        "sqlite_connectivity".into(),
+        timed(store, started, 100.0, "SQLite"),
+    );
+
+    let started = Instant::now();
+    let broker = state.broker.ping().await.map_err(|e| e.to_string());
+    let name = state.broker.name();
+    let broker_check = timed(broker, started, 25.0, &format!("the {name} broker"));
+    if broker_check.status == "failed" {
+        recommendations.push(format!(
+            "The {name} broker is unreachable: check LTMC_REDIS_URL and that Redis runs; \
+             messages stay durable, but presence, caches and streams across instances wait for it."
+        ));
+    }
+    checks.insert("broker_connectivity".into(), broker_check);
+
+    checks.insert(
+        "agent_registry".into(),
+        match crate::agents::db::inconsistent_capabilities(reader).await {
+            Ok(0) => check("passed", "every agent's capabilities are indexed", None),
+            Ok(n) => check(
+                "warning",
+                format!("{n} agents' capability index differs from their record"),
+                None,
+            ),
+            Err(e) => check("failed", format!("registry unreadable: {e}"), None),
+        },
+    );
+
+    let started = Instant::now();
+    let trip = round_trip(state).await;
+    checks.insert(
+        "coordination_messaging".into(),
+        timed(trip, started, 100.0, "send → claim → ack"),
+    );
+
+    checks.insert(
+        "stuck_leases".into(),
+        match messages::db::stuck_leases(reader, now - STUCK_AFTER_MS).await {
+            Ok(0) => check("passed", "no lease is overdue for redelivery", None),
+            Ok(n) => {
+                recommendations.push(
+                    "Leases are not being reaped: check the service's logs for the lease reaper."
+                        .into(),
+                );
+                check(
+                    "failed",
+                    format!("{n} messages held past their lease for over a minute"),
+                    None,
+                )
+            }
+            Err(e) => check("failed", e.to_string(), None),
+        },
+    );
+
+    checks.insert(
+        "dead_letters".into(),
+        match messages::db::dead_lettered_since(reader, now - 3_600_000).await {
+            Ok(0) => check("passed", "no message dead-lettered in the last hour", None),
+            Ok(n) => {
+                recommendations.push(format!(
+                    "{n} messages were dead-lettered in the last hour: look at them \
+                     (GET /v1/agents/{{id}}/messages?state=dead), fix the consumer, replay them."
+                ));
+                check(
+                    "warning",
+                    format!("{n} messages dead-lettered in the last hour"),
+                    None,
+                )
+            }
+            Err(e) => check("failed", e.to_string(), None),
+        },
+    );
+
+    checks.insert(
+        "overdue_workflows".into(),
+        match crate::workflows::db::overdue_steps(reader, now - STUCK_AFTER_MS).await {
+            Ok(0) => check("passed", "no workflow step is overdue", None),
+            Ok(n) => {
+                recommendations.push(
+                    "Workflow steps are past their deadlines without moving: check the service's \
+                     logs for the workflow timers."
+                        .into(),
+                );
+                check(
+                    "failed",
+                    format!("{n} steps are over a minute past their deadline"),
+                    None,
+                )
+            }
+            Err(e) => check("failed", e.to_string(), None),
+        },
+    );
+
+    let config = &state.config;
+    let windows = &state.metrics.sla;
+    let report = sla::report(windows, &config.sla_thresholds, config.sla_window_s, now);
+    let components = [
+        ("agent_handoff", &report.components.agent_handoff),
+        ("workflow_execution", &report.components.workflow_execution),
+        ("session_management", &report.components.session_management),
+        ("redis_coordination", &report.components.redis_coordination),
+    ];
+    let violations: Vec<String> = components
+        .iter()
+        .flat_map(|(name, c)| c.violations.iter().map(move |v| format!("{name}.{v}")))
+        .collect();
+    checks.insert(
+        "sla_compliance".into(),
+        if violations.is_empty() {
+            check("passed", "every SLA met over the window", None)
+        } else {
+            check(
+                "warning",
+                format!("SLAs broken: {}", violations.join(", ")),
+                None,
+            )
+        },
+    );
+
+    // The seed's optimisation rules, on what was measured.
+    let since = now - i64::from(config.sla_window_s) * 1000;
+    let broker_p95 =
+        report.components.redis_coordination.measured["coordination_operation_time_ms"].as_f64();
+    if let Some(p95) = broker_p95.filter(|p| *p > 5.0) {
+        recommendations.push(format!(
+            "Redis commands take {p95:.1} ms at p95 (over 5 ms): put Redis next to the service \
+             (same host or zone) and check its load (INFO commandstats)."
+        ));
+    }
+    let load = super::report::load(state, now).await;
+    if let Some(utilisation) = load.ok().and_then(|l| l.utilisation) {
+        if utilisation < 0.6 {
+            recommendations.push(format!(
+                "Agents use {:.0} % of their capacity (under 60 %): fewer agents, or a lower \
+                 max_concurrent_tasks, would do the same work.",
+                utilisation * 100.0
+            ));
+        } else if utilisation > 0.9 {
+            recommendations.push(format!(
+                "Agents use {:.0} % of their capacity: add agents with the busiest capabilities, \
+                 or steps will wait for a free agent.",
+                utilisation * 100.0
+            ));
+        }
+    }
+    let efficiency = windows.recent(Measure::ParallelEfficiency, since);
+    if !efficiency.is_empty() {
+        let mean = efficiency.iter().sum::<f64>() / efficiency.len() as f64;
+        if mean < 0.7 {
+            recommendations.push(format!(
+                "Parallel workflows run at {:.0} % efficiency (under 70 %): their steps wait on \
+                 each other — spread them over more agents (capability routing) or shorten the \
+                 slowest steps.",
+                mean * 100.0
+            ));
+        }
+    }
+
+    let total = checks.len() as f64;
+    let earned: f64 = checks
+        .values()
+        .map(|c| match c.status.as_str() {
+            "passed" => 1.0,
+            "warning" => 0.5,
+            _ => 0.0,
+        })
+        .sum();
+    let issues = checks
+        .iter()
+        .filter(|(_, c)| c.status != "passed")
+        .map(|(name, c)| format!("{name}: {}", c.detail))
+        .collect();
+    Diagnostics {
+        health_score: (100.0 * earned / total).round() as u8,
+        checks,
+        issues,
+        recommendations,
+        checked_at: crate::common::rfc3339(now),
+    }
+}
