@@ -1,5 +1,7 @@
-//! Operations endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document.
+//! Operations endpoints: liveness, readiness, Prometheus metrics, the metrics report, SLA
+//! compliance, diagnostics, the OpenAPI document and the dashboard.
 
+pub mod dashboard;
 pub mod diagnostics;
 pub mod metrics;
 pub mod report;
@@ -25,6 +27,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/sla", get(sla_report))
         .route("/v1/metrics", get(metrics_report))
         .route("/v1/diagnostics", get(diagnose))
+        .route("/", get(dashboard::index))
+        .route("/static/{file}", get(dashboard::asset))
 }
 
 /// Diagnostics: the health checks run now (store and broker connectivity, registry, a messaging

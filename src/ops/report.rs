@@ -20,6 +20,9 @@ pub struct MetricsReport {
     pub session_management: SessionManagement,
     pub broker_performance: BrokerPerformance,
     pub sla_compliance: SlaSummary,
+    /// Messages in the queues now, by state (`queued`, `claimed`, `acked`, `dead`).
+    #[schema(value_type = Object)]
+    pub queues: std::collections::BTreeMap<String, i64>,
     /// The window the rates and averages cover, in seconds.
     pub window_s: u32,
     pub generated_at: String,
@@ -185,6 +188,10 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
             session_management: sla.components.session_management.compliant,
             redis_coordination: sla.components.redis_coordination.compliant,
         },
+        queues: crate::messages::db::count_by_state(reader)
+            .await?
+            .into_iter()
+            .collect(),
         window_s,
         generated_at: crate::common::rfc3339(now),
     })

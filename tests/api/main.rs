@@ -8,6 +8,7 @@ mod auth;
 mod checkpoints;
 mod contexts;
 mod coordinations;
+mod dashboard;
 mod faults;
 mod handoffs;
 mod inputs;
