@@ -255,10 +255,6 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(
             state.config.limits.max_body_bytes as usize,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            ops::metrics::track_http,
-        ))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(ids))
@@ -269,5 +265,10 @@ pub fn router(state: AppState) -> Router {
                 }))
                 .timeout(timeout),
         )
+        // Outside the timeout, so a request answered 503 for taking too long is counted too.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ops::metrics::track_http,
+        ))
         .with_state(state)
 }

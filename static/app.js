@@ -12,7 +12,13 @@ const state = {
   sessions: new Map(),    // session_id → element
   pending: new Set(),     // workflow ids to refresh
   retry: 500,
+  page: 500,              // list page size (lowered if the server allows less)
+  timers: false,
 };
+
+/// Workflows kept on the page, and refreshed per beat, at most.
+const MAX_WORKFLOWS = 50;
+const REFRESH_PER_BEAT = 20;
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, attrs = {}, ...children) => {
@@ -23,13 +29,28 @@ const el = (tag, attrs = {}, ...children) => {
 };
 
 class AuthError extends Error {}
+class HttpError extends Error {
+  constructor(path, status) { super(`${path}: ${status}`); this.status = status; }
+}
 
 async function api(path) {
   const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
   const response = await fetch(path, { headers });
   if (response.status === 401 || response.status === 403) throw new AuthError(path);
-  if (!response.ok) throw new Error(`${path}: ${response.status}`);
+  if (!response.ok) throw new HttpError(path, response.status);
   return response.json();
+}
+
+/// A list page; a server configured with a smaller page limit gets the default size instead.
+async function page(path, limit) {
+  const sep = path.includes("?") ? "&" : "?";
+  try {
+    return await api(`${path}${sep}limit=${Math.min(limit, state.page)}`);
+  } catch (e) {
+    if (!(e instanceof HttpError) || e.status !== 422) throw e;
+    state.page = 50;
+    return api(path);
+  }
 }
 
 /// Every page of a list endpoint, up to `max` items.
@@ -38,9 +59,9 @@ async function all(path, max = 5000) {
   let cursor = null;
   do {
     const sep = path.includes("?") ? "&" : "?";
-    const page = await api(`${path}${sep}limit=500${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
-    items.push(...page.items);
-    cursor = page.next_cursor;
+    const next = await page(cursor ? `${path}${sep}cursor=${encodeURIComponent(cursor)}` : path, 500);
+    items.push(...next.items);
+    cursor = next.next_cursor;
   } while (cursor && items.length < max);
   return items;
 }
@@ -80,6 +101,12 @@ function renderWorkflow(run) {
     $("workflows").prepend(node);
   }
   const done = run.steps.filter((s) => ["succeeded", "failed", "timed_out", "skipped", "cancelled"].includes(s.status)).length;
+  // Keep the newest runs: drop the oldest beyond the limit.
+  while (state.workflows.size > MAX_WORKFLOWS) {
+    const oldest = $("workflows").lastElementChild;
+    state.workflows.delete(oldest.dataset.workflow);
+    oldest.remove();
+  }
   node.replaceChildren(
     el("div", {},
       el("strong", {}, run.name), ` ${run.pattern} `,
@@ -92,16 +119,16 @@ function renderWorkflow(run) {
 }
 
 async function refreshWorkflows() {
-  const ids = [...state.pending];
-  state.pending.clear();
+  const ids = [...state.pending].slice(0, REFRESH_PER_BEAT);
+  for (const id of ids) state.pending.delete(id);
   for (const id of ids) {
     try { renderWorkflow(await api(`/v1/workflows/${encodeURIComponent(id)}`)); } catch (e) { console.warn(e); }
   }
 }
 
 async function loadWorkflows() {
-  const page = await api("/v1/workflows?limit=50");
-  for (const run of page.items.reverse()) renderWorkflow(run);
+  const runs = await page("/v1/workflows", MAX_WORKFLOWS);
+  for (const run of runs.items.reverse()) renderWorkflow(run);
 }
 
 // ---- handoffs, sessions, queues, SLA ------------------------------------------------------
@@ -137,17 +164,24 @@ function renderSession(s) {
 }
 
 async function loadLists() {
-  for (const h of (await api("/v1/handoffs?limit=50")).items.reverse()) renderHandoff(h);
-  for (const s of (await api("/v1/sessions?status=active&limit=200")).items.reverse()) renderSession(s);
+  for (const h of (await page("/v1/handoffs", 50)).items.reverse()) renderHandoff(h);
+  for (const s of (await page("/v1/sessions?status=active", 200)).items.reverse()) renderSession(s);
 }
 
 async function refreshStats() {
+  await Promise.all([refreshQueues(), refreshSla()]);
+}
+
+async function refreshQueues() {
   const report = await api("/v1/metrics");
   const q = report.queues;
   $("queues").replaceChildren(...["queued", "claimed", "dead"].flatMap((k) =>
     [el("dt", {}, k), el("dd", { "data-queue": k }, String(q[k] ?? 0))]),
-    el("dt", {}, "agents present"), el("dd", {}, String(report.agent_coordination.active_agents)),
+    el("dt", {}, "agents present"), el("dd", {}, String(report.agent_coordination.active_agents ?? "?")),
     el("dt", {}, "workflows executing"), el("dd", {}, String(report.workflow_performance.active_workflows)));
+}
+
+async function refreshSla() {
   const sla = await api("/v1/sla");
   $("sla").replaceChildren(...Object.entries(sla.components).map(([name, c]) =>
     el("span", { class: `badge ${c.compliant ? "passed" : "failed"}`, title: c.violations.join(", ") || "compliant" },
@@ -188,7 +222,12 @@ function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const since = state.lastSeq === null ? "" : `?since=${state.lastSeq}`;
   const protocols = state.token ? [`bearer.${state.token}`] : [];
-  const ws = new WebSocket(`${scheme}://${location.host}/v1/events/stream${since}`, protocols);
+  let ws;
+  try {
+    ws = new WebSocket(`${scheme}://${location.host}/v1/events/stream${since}`, protocols);
+  } catch (e) {
+    return askToken("that token cannot be sent on a WebSocket");
+  }
   ws.onopen = () => {
     $("connection").textContent = "live";
     $("connection").className = "badge on";
@@ -196,7 +235,11 @@ function connect() {
   };
   ws.onmessage = (message) => {
     const frame = JSON.parse(message.data);
-    if (frame.type === "resumed") return;
+    if (frame.type === "resumed") {
+      // Events were missed for good (pruned, or a new database): reload the state.
+      if (!frame.recovered) load().catch(console.warn);
+      return;
+    }
     if (typeof frame.seq === "number") state.lastSeq = frame.seq;
     logEvent(frame);
     apply(frame);
@@ -227,14 +270,22 @@ $("login").addEventListener("submit", (event) => {
   start();
 });
 
+function load() {
+  return Promise.all([loadAgents(), loadWorkflows(), loadLists(), refreshStats()]);
+}
+
 async function start() {
+  // The token is checked first, so a refused one asks again rather than opening a stream.
   try {
-    await Promise.all([loadAgents(), loadWorkflows(), loadLists(), refreshStats()]);
+    await api("/v1/sla");
   } catch (e) {
     if (e instanceof AuthError) return askToken(state.token ? "that token was refused" : "");
-    console.warn(e);
   }
+  // The stream first, then the snapshot: what changes in between arrives as events.
   connect();
+  await load().catch(console.warn);
+  if (state.timers) return;
+  state.timers = true;
   setInterval(() => refreshWorkflows().catch(console.warn), 300);
   setInterval(() => refreshStats().catch(console.warn), 2000);
   // Heartbeats touch only the broker (no event): load and status are polled.

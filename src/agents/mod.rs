@@ -123,6 +123,12 @@ impl Agent {
 
 fn validate(new: &NewAgent) -> Result<()> {
     validate_agent_id("agent_id", &new.agent_id)?;
+    if new.agent_id.starts_with("ltmc:") || new.agent_id == "ltmc" {
+        return Err(Error::invalid(
+            "agent_id",
+            "`ltmc` and ids starting `ltmc:` are the service's own",
+        ));
+    }
     if new.capabilities.len() > 64 {
         return Err(Error::invalid("capabilities", "at most 64 capabilities"));
     }

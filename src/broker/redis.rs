@@ -169,7 +169,19 @@ impl RedisBroker {
         if let Some(conn) = self.shared.lock().expect("connection lock").as_ref() {
             return Ok(conn.clone());
         }
-        let conn = deadpool_redis::Connection::take(self.pool.get().await.map_err(unavailable)?);
+        let started = std::time::Instant::now();
+        let pooled = self.pool.get().await.map_err(unavailable);
+        if pooled.is_err() {
+            // Counted like a failed command: while Redis is down, every call ends here.
+            let metrics = &self.metrics;
+            metrics.broker_errors.with_label_values(&["connect"]).inc();
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            let now = crate::common::now_ms();
+            metrics
+                .sla
+                .record(crate::ops::sla::Measure::BrokerOperation, now, ms);
+        }
+        let conn = deadpool_redis::Connection::take(pooled?);
         *self.shared.lock().expect("connection lock") = Some(conn.clone());
         Ok(conn)
     }

@@ -176,14 +176,12 @@ impl Committer {
             return;
         }
         // Acks emit no event: one autocommit statement, no transaction round trips.
-        let acked = apply_acks(&mut conn, &acks).await;
-        if let Ok(results) = &acked {
-            let n = results.iter().filter(|r| r.is_ok()).count();
-            self.metrics
-                .messages
-                .with_label_values(&["acked"])
-                .inc_by(n as u64);
-        }
+        let acked = apply_acks(&mut conn, &acks).await.map(|(answers, newly)| {
+            // Only the rows this batch moved: a repeated ack is answered 204 but counted once.
+            let metrics = &self.metrics;
+            metrics.messages.with_label_values(&["acked"]).inc_by(newly);
+            answers
+        });
         reply_each(acks.into_iter().map(|j| j.reply), acked);
         // Claims last, so they see this batch's sends; each is its own statement and answer.
         for job in claims {
@@ -339,9 +337,10 @@ async fn apply_sends(
 
 /// Acks the batch's messages held under live leases in one autocommit statement; the rest are
 /// explained one by one (a repeated ack under the lease that acked is a success).
-async fn apply_acks(conn: &mut AutoCommit, jobs: &[AckJob]) -> Result<Vec<Result<()>>> {
+/// Applies the acks; the answer to each, and how many messages were acked by this batch.
+async fn apply_acks(conn: &mut AutoCommit, jobs: &[AckJob]) -> Result<(Vec<Result<()>>, u64)> {
     if jobs.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     let now = jobs.iter().map(|j| j.now).min().unwrap_or_default();
     let keys: Vec<db::AckKey> = jobs
@@ -377,5 +376,5 @@ async fn apply_acks(conn: &mut AutoCommit, jobs: &[AckJob]) -> Result<Vec<Result
         };
         answers.push(answer);
     }
-    Ok(answers)
+    Ok((answers, acked.len() as u64))
 }

@@ -16,10 +16,28 @@ use crate::app::AppState;
 use crate::common::now_ms;
 use crate::messages::{self, ClaimRequest, NewMessage};
 
-/// The recipient of the messaging round trip's probe messages.
-pub const PROBE_AGENT: &str = "ltmc:diagnostics";
+/// The recipients of the messaging round trip's probes: `ltmc:diagnostics:<random>`, one per
+/// probe (no agent can register an `ltmc:` id), so concurrent probes never take each other's.
+pub const PROBE_PREFIX: &str = "ltmc:diagnostics:";
 /// A lease expired this long without the reaper taking it back means the reaper is stuck.
 const STUCK_AFTER_MS: i64 = 60_000;
+/// Longest a check may take before it counts as failed (the report must answer while a backing
+/// service hangs).
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Runs a check's future under [`CHECK_TIMEOUT`].
+async fn bounded<T>(
+    what: &str,
+    future: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CHECK_TIMEOUT, future).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "{what} did not answer within {} s",
+            CHECK_TIMEOUT.as_secs()
+        )),
+    }
+}
 
 /// One check's outcome.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -70,26 +88,28 @@ fn timed(result: Result<(), String>, started: Instant, slow_ms: f64, what: &str)
     }
 }
 
-/// A real message through the queue: send to [`PROBE_AGENT`], claim it (auto-ack).
+/// A real message through the queue: send to a fresh `ltmc:diagnostics:…` recipient, claim it
+/// (auto-ack).
 async fn round_trip(state: &AppState) -> Result<(), String> {
+    let recipient = format!("{PROBE_PREFIX}{}", crate::common::random_hex(6));
     let content =
         RawValue::from_string(format!("{{\"probe\":{}}}", now_ms())).map_err(|e| e.to_string())?;
     let probe = NewMessage {
-        from: PROBE_AGENT.to_owned(),
+        from: "ltmc".to_owned(),
         message_type: "diagnostics.probe".to_owned(),
         content,
         priority: 9,
         correlation_id: None,
     };
-    let sent = messages::send(state, PROBE_AGENT, probe, None)
+    let sent = messages::send(state, &recipient, probe, None)
         .await
         .map_err(|e| e.to_string())?;
     let request = ClaimRequest {
-        limit: 100,
+        limit: 1,
         visibility_timeout_s: 30,
         auto_ack: true,
     };
-    let claimed = messages::claim(state, PROBE_AGENT, request)
+    let claimed = messages::claim(state, &recipient, request)
         .await
         .map_err(|e| e.to_string())?;
     if claimed
@@ -110,17 +130,28 @@ pub async fn run(state: &AppState) -> Diagnostics {
     let mut checks = BTreeMap::new();
     let mut recommendations = Vec::new();
 
+    // The probes that talk to a backing service run side by side, each bounded.
     let started = Instant::now();
-    let store = state.store.ping().await.map_err(|e| e.to_string());
-    checks.insert(
-        "sqlite_connectivity".into(),
-        timed(store, started, 100.0, "SQLite"),
-    );
-
-    let started = Instant::now();
-    let broker = state.broker.ping().await.map_err(|e| e.to_string());
     let name = state.broker.name();
-    let broker_check = timed(broker, started, 25.0, &format!("the {name} broker"));
+    let (store, broker_check, trip) = tokio::join!(
+        async {
+            let store = bounded("SQLite", async {
+                state.store.ping().await.map_err(|e| e.to_string())
+            });
+            timed(store.await, started, 100.0, "SQLite")
+        },
+        async {
+            let broker = bounded("the broker", async {
+                state.broker.ping().await.map_err(|e| e.to_string())
+            });
+            timed(broker.await, started, 25.0, &format!("the {name} broker"))
+        },
+        async {
+            let trip = bounded("send → claim → ack", round_trip(state));
+            timed(trip.await, started, 100.0, "send → claim → ack")
+        },
+    );
+    checks.insert("sqlite_connectivity".into(), store);
     if broker_check.status == "failed" {
         recommendations.push(format!(
             "The {name} broker is unreachable: check LTMC_REDIS_URL and that Redis runs; \
@@ -142,12 +173,7 @@ pub async fn run(state: &AppState) -> Diagnostics {
         },
     );
 
-    let started = Instant::now();
-    let trip = round_trip(state).await;
-    checks.insert(
-        "coordination_messaging".into(),
-        timed(trip, started, 100.0, "send → claim → ack"),
-    );
+    checks.insert("coordination_messaging".into(), trip);
 
     checks.insert(
         "stuck_leases".into(),
@@ -243,8 +269,12 @@ pub async fn run(state: &AppState) -> Diagnostics {
              (same host or zone) and check its load (INFO commandstats)."
         ));
     }
-    let load = super::report::load(state, now).await;
-    if let Some(utilisation) = load.ok().and_then(|l| l.utilisation) {
+    let load = bounded("presence", async {
+        super::report::load(state, now)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    if let Some(utilisation) = load.await.ok().and_then(|l| l.utilisation) {
         if utilisation < 0.6 {
             recommendations.push(format!(
                 "Agents use {:.0} % of their capacity (under 60 %): fewer agents, or a lower \

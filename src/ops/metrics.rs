@@ -39,8 +39,10 @@ pub struct Metrics {
     pub messages: IntCounterVec,
     pub handoffs: IntCounterVec,
     pub handoff_accept: Histogram,
+    pub workflows_started: IntCounterVec,
     pub workflows: IntCounterVec,
     pub workflow_duration: HistogramVec,
+    pub steps_dispatched: IntCounterVec,
     pub workflow_steps: IntCounterVec,
     pub step_duration: HistogramVec,
     pub streams_open: IntGauge,
@@ -50,6 +52,7 @@ pub struct Metrics {
     // Read when scraped.
     pub queue: IntGaugeVec,
     pub agents_active: IntGauge,
+    pub broker_up: IntGauge,
     pub sessions_active: IntGauge,
     pub workflows_active: IntGaugeVec,
     /// The SLA report's sliding windows.
@@ -140,10 +143,16 @@ impl Metrics {
                 &["outcome"],
             ),
             handoff_accept,
+            workflows_started: counter(
+                &r,
+                "ltmc_workflows_started_total",
+                "Workflow runs submitted, by pattern.",
+                &["pattern"],
+            ),
             workflows: counter(
                 &r,
                 "ltmc_workflows_total",
-                "Workflow runs started and ended, by pattern and status.",
+                "Workflow runs ended, by pattern and status (completed, failed, cancelled).",
                 &["pattern", "status"],
             ),
             workflow_duration: histogram(
@@ -153,10 +162,16 @@ impl Metrics {
                 &["pattern", "status"],
                 WORK_BUCKETS,
             ),
+            steps_dispatched: counter(
+                &r,
+                "ltmc_workflow_steps_dispatched_total",
+                "Workflow step attempts put out to agents.",
+                &[],
+            ),
             workflow_steps: counter(
                 &r,
                 "ltmc_workflow_steps_total",
-                "Workflow step attempts dispatched and ended, by outcome.",
+                "Workflow step attempts ended, by outcome (succeeded, failed, timed_out).",
                 &["outcome"],
             ),
             step_duration: histogram(
@@ -192,6 +207,10 @@ impl Metrics {
                 "Messages in the queues now, by state.",
                 &["state"],
             ),
+            broker_up: single(
+                "ltmc_broker_up",
+                "1 when the broker answered the last scrape, else 0.",
+            ),
             agents_active: single(
                 "ltmc_agents_active",
                 "Agents present now (heartbeat within their ttl).",
@@ -210,7 +229,7 @@ impl Metrics {
 
     /// Counts what a committed event of this instance says happened.
     pub fn observe(&self, event: &Event) {
-        self.sla.record(Measure::Operation, event.at, 1.0);
+        self.sla.operation(event.at);
         let data = &event.data;
         let text = |key: &str| data[key].as_str().unwrap_or("unknown").to_owned();
         match event.kind.as_str() {
@@ -233,8 +252,8 @@ impl Metrics {
                 }
             }
             "workflow.started" => {
-                self.workflows
-                    .with_label_values(&[&text("pattern"), "started"])
+                self.workflows_started
+                    .with_label_values(&[&text("pattern")])
                     .inc();
             }
             "workflow.completed" | "workflow.failed" | "workflow.cancelled" => {
@@ -262,7 +281,7 @@ impl Metrics {
                 }
             }
             "workflow.step.dispatched" => {
-                self.workflow_steps.with_label_values(&["dispatched"]).inc();
+                self.steps_dispatched.with_label_values::<&str>(&[]).inc();
             }
             "workflow.step.succeeded" | "workflow.step.failed" | "workflow.step.timed_out" => {
                 let outcome = event.kind.trim_start_matches("workflow.step.");

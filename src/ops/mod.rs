@@ -83,22 +83,33 @@ pub async fn sla_report(
 pub async fn prometheus_metrics(State(state): State<AppState>) -> Result<Response, Error> {
     let metrics = &state.metrics;
     let reader = state.store.reader();
-    metrics.queue.reset();
-    for (gauge_state, count) in crate::messages::db::count_by_state(reader).await? {
-        metrics.queue.with_label_values(&[&gauge_state]).set(count);
+    // Read everything first, then set: a concurrent scrape never sees a half-updated family.
+    let queues = crate::messages::db::count_by_state(reader).await?;
+    let sessions = crate::sessions::db::count_active(reader).await?;
+    let executing = crate::workflows::db::count_executing(reader).await?;
+    let active = state.broker.active_count(crate::common::now_ms()).await;
+    for known in ["queued", "claimed", "acked", "dead"] {
+        let count = queues
+            .iter()
+            .find(|(s, _)| s == known)
+            .map_or(0, |(_, n)| *n);
+        metrics.queue.with_label_values(&[known]).set(count);
     }
-    metrics
-        .sessions_active
-        .set(crate::sessions::db::count_active(reader).await?);
-    metrics.workflows_active.reset();
-    for (pattern, count) in crate::workflows::db::count_executing(reader).await? {
+    metrics.sessions_active.set(sessions);
+    for pattern in ["sequential", "parallel", "dependency_based", "event_driven"] {
+        let count = executing
+            .iter()
+            .find(|(p, _)| p == pattern)
+            .map_or(0, |(_, n)| *n);
         metrics
             .workflows_active
-            .with_label_values(&[&pattern])
+            .with_label_values(&[pattern])
             .set(count);
     }
-    // Presence lives in the broker: when it is down the gauge keeps its last value.
-    if let Ok(active) = state.broker.active_count(crate::common::now_ms()).await {
+    // Presence lives in the broker: while it is down `ltmc_broker_up` says so and the agents
+    // gauge keeps its last value.
+    metrics.broker_up.set(i64::from(active.is_ok()));
+    if let Ok(active) = active {
         metrics.agents_active.set(active as i64);
     }
     Ok((

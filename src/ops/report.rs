@@ -30,8 +30,8 @@ pub struct MetricsReport {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AgentCoordination {
-    /// Agents present now.
-    pub active_agents: usize,
+    /// Agents present now; null while the broker cannot say.
+    pub active_agents: Option<usize>,
     /// State changes this instance committed per second (every event of the one event path).
     pub coordination_operations_per_second: f64,
     /// Mean initiate → accept time of handoffs accepted in the window; null without any.
@@ -131,7 +131,8 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
     let recent = |measure| windows.recent(measure, since);
     let reader = state.store.reader();
 
-    let load = load(state, now).await?;
+    // Presence lives in the broker: while it is down, the agent figures are null, the rest stands.
+    let load = load(state, now).await.ok();
     let mut outcomes = recent(Measure::HandoffSuccess);
     let completions = recent(Measure::WorkflowCompleted);
     outcomes.extend(&completions);
@@ -145,12 +146,11 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
         .sum();
     Ok(MetricsReport {
         agent_coordination: AgentCoordination {
-            active_agents: load.present,
-            coordination_operations_per_second: recent(Measure::Operation).len() as f64
-                / f64::from(window_s),
+            active_agents: load.as_ref().map(|l| l.present),
+            coordination_operations_per_second: windows.operations_per_second(since, now),
             average_handoff_time_ms: mean(&recent(Measure::HandoffTime)),
             coordination_success_rate: mean(&outcomes),
-            agent_utilization: load.utilisation,
+            agent_utilization: load.and_then(|l| l.utilisation),
         },
         workflow_performance: WorkflowPerformance {
             active_workflows: crate::workflows::db::count_executing(reader)

@@ -38,17 +38,56 @@ pub enum Measure {
     StateSync,
     /// A workflow run, submit to end (ms).
     WorkflowDuration,
-    /// A state change committed (one per event; the value is unused).
-    Operation,
 }
 
-/// The sliding windows of every measure.
-#[derive(Default)]
+/// The sliding windows of every measure (the newest [`MAX_SAMPLES`] of each), and a count of
+/// committed state changes per second.
 pub struct Windows {
     samples: Mutex<HashMap<Measure, VecDeque<(i64, f64)>>>,
+    /// (unix second, state changes committed in it), oldest first.
+    operations: Mutex<VecDeque<(i64, u64)>>,
+    started_at: i64,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Windows {
+            samples: Mutex::default(),
+            operations: Mutex::default(),
+            started_at: crate::common::now_ms(),
+        }
+    }
 }
 
 impl Windows {
+    /// Counts a committed state change at `at` (ms).
+    pub fn operation(&self, at: i64) {
+        let second = at / 1000;
+        let mut operations = self.operations.lock().expect("sla lock");
+        match operations.back_mut() {
+            Some((s, count)) if *s == second => *count += 1,
+            _ => {
+                operations.push_back((second, 1));
+                // A day of seconds at most, whatever the window.
+                if operations.len() > 86_400 {
+                    operations.pop_front();
+                }
+            }
+        }
+    }
+
+    /// State changes per second since `since` (or since this instance started, if later).
+    pub fn operations_per_second(&self, since: i64, now: i64) -> f64 {
+        let since = since.max(self.started_at);
+        let mut operations = self.operations.lock().expect("sla lock");
+        while operations.front().is_some_and(|(s, _)| *s < since / 1000) {
+            operations.pop_front();
+        }
+        let total: u64 = operations.iter().map(|(_, n)| n).sum();
+        let seconds = ((now - since) as f64 / 1000.0).max(1.0);
+        total as f64 / seconds
+    }
+
     /// Adds a sample taken at `at` (ms).
     pub fn record(&self, measure: Measure, at: i64, value: f64) {
         let mut samples = self.samples.lock().expect("sla lock");
@@ -183,8 +222,14 @@ impl Thresholds {
                 return Err(format!("unknown component or not an object: {component}"));
             };
             for (key, value) in values {
-                if !target.contains_key(&key) || !value.is_number() {
+                if !target.contains_key(&key) {
                     return Err(format!("{component}.{key}: not a threshold of the table"));
+                }
+                let rate = !key.ends_with("_ms");
+                match value.as_f64() {
+                    Some(v) if v >= 0.0 && (!rate || v <= 1.0) => {}
+                    _ if rate => return Err(format!("{component}.{key}: a rate from 0 to 1")),
+                    _ => return Err(format!("{component}.{key}: milliseconds, 0 or more")),
                 }
                 target.insert(key, value);
             }
@@ -392,6 +437,10 @@ mod tests {
         assert!(Thresholds::with_overrides(r#"{"agent_handoff": {"typo": 5}}"#).is_err());
         assert!(Thresholds::with_overrides(r#"{"nope": {}}"#).is_err());
         assert!(Thresholds::with_overrides("[]").is_err());
+        let rate = r#"{"agent_handoff": {"success_rate_threshold": 1.5}}"#;
+        assert!(Thresholds::with_overrides(rate).is_err());
+        let negative = r#"{"session_management": {"session_update_time_ms": -1}}"#;
+        assert!(Thresholds::with_overrides(negative).is_err());
     }
 
     #[test]

@@ -151,3 +151,17 @@ both_brokers!(silent_agent_goes_offline_with_an_event, |kind| async move {
     assert_eq!(back["status"], "available");
     app.stop().await;
 });
+
+// `ltmc` and `ltmc:…` ids are the service's own (the sender of workflow steps, diagnostics
+// probes): no agent can register as one.
+both_brokers!(service_ids_are_reserved, |kind| async move {
+    let app = TestApp::spawn(kind).await;
+    for id in ["ltmc", "ltmc:diagnostics:x"] {
+        let (status, problem) = app
+            .post("/v1/agents", json!({"agent_id": id, "capabilities": []}))
+            .await;
+        assert_eq!(status, 422, "{problem}");
+        assert_eq!(problem["errors"][0]["field"], "agent_id");
+    }
+    app.stop().await;
+});
