@@ -4,9 +4,19 @@
 
 use serde_json::value::RawValue;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use crate::error::{Error, Result};
+
+/// Appends ` AND idx IN (?, …)` binding `idxs` (at most SQLite's variable limit; callers chunk).
+fn and_idx_in(query: &mut QueryBuilder<Sqlite>, idxs: &[i64]) {
+    query.push(" AND idx IN (");
+    let mut list = query.separated(", ");
+    for idx in idxs {
+        list.push_bind(*idx);
+    }
+    query.push(")");
+}
 
 /// A run as stored.
 #[derive(Debug, Clone)]
@@ -301,13 +311,9 @@ pub async fn steps_in(
         query
             .push_bind(status)
             .push(" AND workflow_id = ")
-            .push_bind(workflow_id)
-            .push(" AND idx IN (");
-        let mut list = query.separated(", ");
-        for idx in chunk {
-            list.push_bind(idx);
-        }
-        query.push(") ORDER BY idx");
+            .push_bind(workflow_id);
+        and_idx_in(&mut query, chunk);
+        query.push(" ORDER BY idx");
         let rows = query.build().fetch_all(&mut *conn).await?;
         for row in &rows {
             out.push(step_from_row(row)?);
@@ -329,12 +335,9 @@ pub async fn outputs(
             "SELECT step_id, output FROM workflow_step WHERE status = 'succeeded'
              AND workflow_id = ",
         );
-        query.push_bind(workflow_id).push(" AND idx IN (");
-        let mut list = query.separated(", ");
-        for idx in chunk {
-            list.push_bind(idx);
-        }
-        query.push(") ORDER BY idx");
+        query.push_bind(workflow_id);
+        and_idx_in(&mut query, chunk);
+        query.push(" ORDER BY idx");
         let rows: Vec<(String, Option<String>)> =
             query.build_query_as().fetch_all(&mut *conn).await?;
         out.extend(
@@ -404,13 +407,8 @@ pub async fn set_waiting(
         update
             .push_bind(due_at)
             .push(" WHERE status IN ('pending', 'waiting') AND workflow_id = ")
-            .push_bind(workflow_id)
-            .push(" AND idx IN (");
-        let mut list = update.separated(", ");
-        for idx in chunk {
-            list.push_bind(*idx);
-        }
-        update.push(")");
+            .push_bind(workflow_id);
+        and_idx_in(&mut update, chunk);
         update.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -471,12 +469,7 @@ pub async fn finish_open(
             .push(" WHERE status IN ('pending', 'waiting', 'dispatched') AND workflow_id = ")
             .push_bind(workflow_id);
         if let Some(idxs) = chunk {
-            query.push(" AND idx IN (");
-            let mut list = query.separated(", ");
-            for idx in idxs {
-                list.push_bind(*idx);
-            }
-            query.push(")");
+            and_idx_in(&mut query, idxs);
         }
         query.push(" RETURNING idx, step_id");
         let rows: Vec<(i64, String)> = query.build_query_as().fetch_all(&mut *conn).await?;
@@ -547,12 +540,9 @@ pub async fn satisfy(
         let mut query = QueryBuilder::new(
             "UPDATE workflow_step SET deps_left = deps_left - 1 WHERE workflow_id = ",
         );
-        query.push_bind(workflow_id).push(" AND idx IN (");
-        let mut list = query.separated(", ");
-        for idx in chunk {
-            list.push_bind(*idx);
-        }
-        query.push(") RETURNING idx, deps_left, status");
+        query.push_bind(workflow_id);
+        and_idx_in(&mut query, chunk);
+        query.push(" RETURNING idx, deps_left, status");
         let rows: Vec<(i64, i64, String)> = query.build_query_as().fetch_all(&mut *conn).await?;
         ready.extend(
             rows.into_iter()
