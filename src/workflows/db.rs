@@ -257,29 +257,13 @@ pub async fn step_by_id(
     row.as_ref().map(step_from_row).transpose()
 }
 
-/// A step with its run, in one query (the result path).
-pub async fn run_and_step(
-    conn: &mut SqliteConnection,
-    workflow_id: &str,
-    step_id: &str,
-) -> Result<Option<(RunRow, StepRow)>> {
-    let step_columns = qualified_step_columns();
-    let sql = format!(
-        "SELECT {step_columns}, w.seq AS run_seq, w.name AS run_name, w.description, w.pattern,
-                w.metadata, w.status AS run_status, w.steps_total, w.steps_done, w.steps_failed,
-                w.created_at, w.finished_at AS run_finished_at
-         FROM workflow_step s JOIN workflow w ON w.workflow_id = s.workflow_id
-         WHERE s.workflow_id = ? AND s.step_id = ?"
-    );
-    let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(workflow_id)
-        .bind(step_id)
-        .fetch_optional(conn)
-        .await?
-    else {
-        return Ok(None);
-    };
-    let run = RunRow {
+/// The run's columns beside a step's, as `run_*` where the names clash.
+const JOINED_RUN_COLUMNS: &str = "w.seq AS run_seq, w.name AS run_name, w.description, w.pattern,
+    w.metadata, w.status AS run_status, w.steps_total, w.steps_done, w.steps_failed,
+    w.created_at, w.finished_at AS run_finished_at";
+
+fn joined_run(row: &SqliteRow) -> Result<RunRow> {
+    Ok(RunRow {
         seq: row.try_get("run_seq")?,
         workflow_id: row.try_get("workflow_id")?,
         name: row.try_get("run_name")?,
@@ -292,8 +276,51 @@ pub async fn run_and_step(
         steps_failed: row.try_get("steps_failed")?,
         created_at: row.try_get("created_at")?,
         finished_at: row.try_get("run_finished_at")?,
+    })
+}
+
+/// A step with its run, in one query (the result path).
+pub async fn run_and_step(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    step_id: &str,
+) -> Result<Option<(RunRow, StepRow)>> {
+    let step_columns = qualified_step_columns();
+    let sql = format!(
+        "SELECT {step_columns}, {JOINED_RUN_COLUMNS}
+         FROM workflow_step s JOIN workflow w ON w.workflow_id = s.workflow_id
+         WHERE s.workflow_id = ? AND s.step_id = ?"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .bind(step_id)
+        .fetch_optional(conn)
+        .await?;
+    row.map(|row| Ok((joined_run(&row)?, step_from_row(&row)?)))
+        .transpose()
+}
+
+/// A run with every step (in definition order), in one query and one snapshot.
+pub async fn run_with_steps(
+    pool: &SqlitePool,
+    workflow_id: &str,
+) -> Result<Option<(RunRow, Vec<StepRow>)>> {
+    let step_columns = qualified_step_columns();
+    let sql = format!(
+        "SELECT {step_columns}, {JOINED_RUN_COLUMNS}
+         FROM workflow_step s JOIN workflow w ON w.workflow_id = s.workflow_id
+         WHERE s.workflow_id = ? ORDER BY s.idx"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .fetch_all(pool)
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
     };
-    Ok(Some((run, step_from_row(&row)?)))
+    let run = joined_run(first)?;
+    let steps = rows.iter().map(step_from_row).collect::<Result<_>>()?;
+    Ok(Some((run, steps)))
 }
 
 /// The steps of a run at the given indexes that are still in `status`.

@@ -227,11 +227,9 @@ pub async fn submit(state: &AppState, def: WorkflowDefinition) -> Result<Workflo
 
 /// A run with its steps.
 pub async fn get(state: &AppState, workflow_id: &str) -> Result<Workflow> {
-    let reader = state.store.reader();
-    let run = db::get_run(reader, workflow_id)
+    let (run, steps) = db::run_with_steps(state.store.reader(), workflow_id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no workflow {workflow_id:?}")))?;
-    let steps = db::steps(reader, workflow_id).await?;
     view(run, steps, now_ms())
 }
 
