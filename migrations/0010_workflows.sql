@@ -37,6 +37,7 @@ CREATE TABLE workflow_step (
     status       TEXT NOT NULL,
     agent_id     TEXT,                       -- who holds (or held) the current attempt
     attempts     INTEGER NOT NULL DEFAULT 0,
+    attempt_at   INTEGER,                    -- when the current attempt went out
     due_at       INTEGER,
     output       TEXT,                       -- JSON, as the agent sent it
     error        TEXT,

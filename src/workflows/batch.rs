@@ -158,11 +158,33 @@ fn fail(replies: impl Iterator<Item = oneshot::Sender<Result<()>>>, error: &Erro
     }
 }
 
-/// One result: the step must be out, under this attempt, with this agent (404 / 409 otherwise,
-/// before anything is written); then the attempt ends and the run moves on.
+/// One result: the attempt ends with one compare-and-set (the step must be out, under this
+/// attempt, with this agent), then the run moves on. Only when that finds nothing is the step
+/// read, to tell a repeat of a recorded result (200) from a refusal (404, 409), nothing written.
 async fn apply(tx: &mut Writer, state: &AppState, job: &ResultJob) -> Result<()> {
     let (workflow_id, step_id, body) = (&job.workflow_id, &job.step_id, &job.result);
-    let Some((run, step)) = db::run_and_step(tx.conn(), workflow_id, step_id).await? else {
+    let outcome = if body.success {
+        Outcome::Succeeded(body.output.as_ref().map(|o| o.get().to_owned()))
+    } else {
+        Outcome::Failed(body.error.clone().unwrap_or_else(|| "failed".into()))
+    };
+    let attempt = db::Attempt {
+        workflow_id,
+        key: db::StepKey::Id(step_id),
+        number: body.attempt,
+        holder: Some(&body.agent_id),
+    };
+    let ended = engine::attempt_ended(tx, state, &attempt, outcome, job.now)
+        .await
+        .map_err(|e| match e {
+            // Past the compare-and-set a refusal would leave half a move: not a refusal.
+            e if is_refusal(&e) => Error::Internal(format!("after the step moved: {e}")),
+            e => e,
+        })?;
+    if ended.is_some() {
+        return Ok(());
+    }
+    let Some((_, step)) = db::run_and_step(tx.conn(), workflow_id, step_id).await? else {
         return Err(Error::NotFound(format!(
             "no step {step_id:?} in workflow {workflow_id:?}"
         )));
@@ -180,25 +202,11 @@ async fn apply(tx: &mut Writer, state: &AppState, job: &ResultJob) -> Result<()>
             step.status
         )));
     }
-    if step.attempts != body.attempt || !holder {
-        return Err(Error::Conflict(format!(
-            "{:?} does not hold attempt {} of step {step_id} (attempt {} is held by {:?})",
-            body.agent_id,
-            body.attempt,
-            step.attempts,
-            step.agent_id.as_deref().unwrap_or("nobody")
-        )));
-    }
-    let outcome = if body.success {
-        Outcome::Succeeded(body.output.as_ref().map(|o| o.get().to_owned()))
-    } else {
-        Outcome::Failed(body.error.clone().unwrap_or_else(|| "failed".into()))
-    };
-    engine::attempt_ended(tx, state, &run, step, outcome, job.now)
-        .await
-        .map_err(|e| match e {
-            // Past the compare-and-set a refusal would leave half a move: not a refusal.
-            e if is_refusal(&e) => Error::Internal(format!("after the step moved: {e}")),
-            e => e,
-        })
+    Err(Error::Conflict(format!(
+        "{:?} does not hold attempt {} of step {step_id} (attempt {} is held by {:?})",
+        body.agent_id,
+        body.attempt,
+        step.attempts,
+        step.agent_id.as_deref().unwrap_or("nobody")
+    )))
 }

@@ -56,6 +56,7 @@ pub struct StepRow {
     pub status: String,
     pub agent_id: Option<String>,
     pub attempts: i64,
+    pub attempt_at: Option<i64>,
     pub due_at: Option<i64>,
     pub output: Option<String>,
     pub error: Option<String>,
@@ -83,7 +84,7 @@ const RUN_COLUMNS: &str = "seq, workflow_id, name, description, pattern, metadat
 
 const STEP_COLUMNS: &str = "workflow_id, idx, step_id, name, agent, capability, input, depends_on,
     dependants, trigger_name, timeout_ms, max_retries, deps_left, status, agent_id, attempts,
-    due_at, output, error, handoff_id, started_at, finished_at";
+    attempt_at, due_at, output, error, handoff_id, started_at, finished_at";
 
 /// The step columns as `s.<column>`, for joins with `workflow w`.
 fn qualified_step_columns() -> String {
@@ -129,6 +130,7 @@ fn step_from_row(row: &SqliteRow) -> Result<StepRow> {
         status: row.try_get("status")?,
         agent_id: row.try_get("agent_id")?,
         attempts: row.try_get("attempts")?,
+        attempt_at: row.try_get("attempt_at")?,
         due_at: row.try_get("due_at")?,
         output: row.try_get("output")?,
         error: row.try_get("error")?,
@@ -396,9 +398,11 @@ pub async fn dispatch(
     for chunk in moves.chunks(250) {
         let mut update = QueryBuilder::new(
             "UPDATE workflow_step SET status = 'dispatched', agent_id = v.column3,
-                 attempts = attempts + 1, due_at = ",
+                 attempts = attempts + 1, attempt_at = ",
         );
         update
+            .push_bind(now)
+            .push(", due_at = ")
             .push_bind(now)
             .push(" + timeout_ms, started_at = COALESCE(started_at, ")
             .push_bind(now)
@@ -441,36 +445,75 @@ pub async fn set_waiting(
     Ok(())
 }
 
-/// Ends an attempt of a dispatched step: `to` is final (`succeeded`, `failed`, `timed_out`) or
-/// `pending` again for a retry due at `due_at`. Only the holder of the current attempt can.
-#[allow(clippy::too_many_arguments)]
+/// Which step: by position (the timer) or by id (a result).
+pub enum StepKey<'a> {
+    Idx(i64),
+    Id(&'a str),
+}
+
+/// One attempt of a step: which step, its number, and who must hold it (any holder when None).
+pub struct Attempt<'a> {
+    pub workflow_id: &'a str,
+    pub key: StepKey<'a>,
+    pub number: i64,
+    pub holder: Option<&'a str>,
+}
+
+/// How an attempt ended, as stored.
+pub struct Ending<'a> {
+    /// `succeeded`, `failed` or `timed_out`; the last two become `pending` while retries remain.
+    pub outcome: &'a str,
+    pub output: Option<&'a str>,
+    pub error: Option<&'a str>,
+    /// 0-1: how much of a fifth to add to a retry's backoff.
+    pub jitter: f64,
+}
+
+/// Ends an attempt of a dispatched step in one statement:
+/// `succeeded`, or on a failure or timeout `pending` again with its backoff (1 s × 2ⁿ⁻¹ plus up
+/// to a fifth, at most 60 s) while retries remain, else final. Returns the step after it; None
+/// when the step is not out under that attempt and holder (nothing written).
 pub async fn end_attempt(
     conn: &mut SqliteConnection,
-    workflow_id: &str,
-    idx: i64,
-    attempt: i64,
-    to: &str,
-    output: Option<&str>,
-    error: Option<&str>,
-    due_at: Option<i64>,
+    attempt: &Attempt<'_>,
+    ending: &Ending<'_>,
     now: i64,
-) -> Result<bool> {
-    let finished = (to != "pending").then_some(now);
-    let done = sqlx::query(
-        "UPDATE workflow_step SET status = ?, output = ?, error = ?, due_at = ?, finished_at = ?
-         WHERE workflow_id = ? AND idx = ? AND status = 'dispatched' AND attempts = ?",
-    )
-    .bind(to)
-    .bind(output)
-    .bind(error)
-    .bind(due_at)
-    .bind(finished)
-    .bind(workflow_id)
-    .bind(idx)
-    .bind(attempt)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+) -> Result<Option<StepRow>> {
+    let by = match attempt.key {
+        StepKey::Idx(_) => "idx = ?7",
+        StepKey::Id(_) => "step_id = ?7",
+    };
+    let sql = format!(
+        "UPDATE workflow_step SET
+             status = CASE WHEN ?1 = 'succeeded' THEN 'succeeded'
+                           WHEN attempts <= max_retries THEN 'pending' ELSE ?1 END,
+             output = ?2, error = ?3,
+             due_at = CASE WHEN ?1 != 'succeeded' AND attempts <= max_retries
+                           THEN ?4 + MIN(60000, CAST(MIN(60000, 1000 << MIN(attempts - 1, 6))
+                                                     * (1 + ?5 / 5.0) AS INTEGER))
+                           END,
+             finished_at = CASE WHEN ?1 = 'succeeded' OR attempts > max_retries THEN ?4 END
+         WHERE workflow_id = ?6 AND {by} AND status = 'dispatched' AND attempts = ?8
+           AND (?9 IS NULL OR agent_id = ?9)
+         RETURNING {STEP_COLUMNS}"
+    );
+    let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ending.outcome)
+        .bind(ending.output)
+        .bind(ending.error)
+        .bind(now)
+        .bind(ending.jitter)
+        .bind(attempt.workflow_id);
+    let query = match attempt.key {
+        StepKey::Idx(idx) => query.bind(idx),
+        StepKey::Id(step_id) => query.bind(step_id),
+    };
+    let row = query
+        .bind(attempt.number)
+        .bind(attempt.holder)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(step_from_row).transpose()
 }
 
 /// Marks the not-yet-final steps among `idxs` (all of the run's when None) with a final `to`
@@ -519,22 +562,24 @@ pub async fn holders(
     .await?)
 }
 
-/// Counts steps that reached a final status; returns (steps_done, steps_total, steps_failed).
+/// Counts steps that reached a final status (the run's barrier); returns the run after it.
 pub async fn count_done(
     conn: &mut SqliteConnection,
     workflow_id: &str,
     done: i64,
     failed: i64,
-) -> Result<(i64, i64, i64)> {
-    Ok(sqlx::query_as(
+) -> Result<RunRow> {
+    let sql = format!(
         "UPDATE workflow SET steps_done = steps_done + ?, steps_failed = steps_failed + ?
-         WHERE workflow_id = ? RETURNING steps_done, steps_total, steps_failed",
-    )
-    .bind(done)
-    .bind(failed)
-    .bind(workflow_id)
-    .fetch_one(conn)
-    .await?)
+         WHERE workflow_id = ? RETURNING {RUN_COLUMNS}"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(done)
+        .bind(failed)
+        .bind(workflow_id)
+        .fetch_one(conn)
+        .await?;
+    run_from_row(&row)
 }
 
 /// Ends an executing run; false when it had already ended.

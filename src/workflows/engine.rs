@@ -55,18 +55,6 @@ fn event(kind: &'static str, data: Value) -> NewEvent {
     NewEvent::new("workflows", kind, data)
 }
 
-/// Backoff before retry `n` (1-based): 1 s × 2ⁿ⁻¹ plus up to a fifth more at random (so
-/// retries of many steps spread out), never over 60 s.
-fn backoff_ms(n: i64) -> i64 {
-    let base = (1_000i64 << (n - 1).clamp(0, 6)).min(60_000);
-    let mut bytes = [0u8; 2];
-    let jitter = match getrandom::fill(&mut bytes) {
-        Ok(()) => i64::from(u16::from_le_bytes(bytes)) * (base / 5) / i64::from(u16::MAX),
-        Err(_) => 0,
-    };
-    (base + jitter).min(60_000)
-}
-
 /// A run was inserted with its steps: starts those that are ready.
 pub async fn started(
     tx: &mut Writer,
@@ -416,108 +404,96 @@ async fn for_each_run(
     Ok(started)
 }
 
-/// An attempt of a dispatched step ended: success, a retry after backoff, or a final failure.
+/// Ends an attempt of a dispatched step: success, a retry after backoff, or a final failure —
+/// one compare-and-set with the retry decision in it, then what follows. None when the step is
+/// not out under that attempt and holder (nothing written).
 pub async fn attempt_ended(
     tx: &mut Writer,
     state: &AppState,
-    run: &RunRow,
-    step: StepRow,
+    attempt: &db::Attempt<'_>,
     outcome: Outcome,
     now: i64,
-) -> Result<()> {
-    let retry = !matches!(outcome, Outcome::Succeeded(_)) && step.attempts <= step.max_retries;
-    let (to, output, error, kind) = match &outcome {
-        Outcome::Succeeded(output) => (
-            "succeeded",
-            output.as_deref(),
-            None,
-            "workflow.step.succeeded",
-        ),
-        Outcome::Failed(error) => (
-            if retry { "pending" } else { "failed" },
-            None,
-            Some(error.as_str()),
-            "workflow.step.failed",
-        ),
-        Outcome::TimedOut => (
-            if retry { "pending" } else { "timed_out" },
-            None,
-            Some("attempt timed out"),
-            "workflow.step.timed_out",
-        ),
+) -> Result<Option<()>> {
+    let (kind, output, error) = match &outcome {
+        Outcome::Succeeded(output) => ("succeeded", output.as_deref(), None),
+        Outcome::Failed(error) => ("failed", None, Some(error.as_str())),
+        Outcome::TimedOut => ("timed_out", None, Some("attempt timed out")),
     };
-    let due_at = retry.then(|| now + backoff_ms(step.attempts));
-    if !db::end_attempt(
-        tx.conn(),
-        &step.workflow_id,
-        step.idx,
-        step.attempts,
-        to,
+    let mut bytes = [0u8; 2];
+    let jitter = match getrandom::fill(&mut bytes) {
+        Ok(()) => f64::from(u16::from_le_bytes(bytes)) / f64::from(u16::MAX),
+        Err(_) => 0.0,
+    };
+    let ending = db::Ending {
+        outcome: kind,
         output,
         error,
-        due_at,
-        now,
-    )
-    .await?
-    {
-        return Err(Error::Conflict(format!(
-            "attempt {} of step {} has already ended",
-            step.attempts, step.step_id
-        )));
-    }
-    // The attempt went out at its deadline less its timeout.
-    let dispatched_at = step.due_at.unwrap_or(now) - step.timeout_ms;
-    let mut data = json!({"workflow_id": run.workflow_id, "step_id": step.step_id,
-                          "agent_id": step.agent_id, "attempt": step.attempts, "status": to,
-                          "duration_ms": (now - dispatched_at).max(0)});
+        jitter,
+    };
+    let Some(step) = db::end_attempt(tx.conn(), attempt, &ending, now).await? else {
+        return Ok(None);
+    };
+    let retry = step.status == "pending";
+    let mut data = json!({"workflow_id": step.workflow_id, "step_id": step.step_id,
+                          "agent_id": step.agent_id, "attempt": step.attempts,
+                          "status": step.status,
+                          "duration_ms": (now - step.attempt_at.unwrap_or(now)).max(0)});
     if let Some(error) = error {
         data["error"] = json!(error);
     }
-    if let Some(due_at) = due_at {
+    if let (true, Some(due_at)) = (retry, step.due_at) {
         data["retry_at"] = json!(crate::common::rfc3339(due_at));
     }
-    let mut notice = event(kind, data);
+    let mut notice = event(
+        match kind {
+            "succeeded" => "workflow.step.succeeded",
+            "failed" => "workflow.step.failed",
+            _ => "workflow.step.timed_out",
+        },
+        data,
+    );
     if let (Outcome::TimedOut, Some(holder)) = (&outcome, &step.agent_id) {
         notice = notice.to_agent(holder);
     }
     tx.emit(notice);
     if !retry {
+        let succeeded = step.status == "succeeded";
         if let Some(handoff_id) = &step.handoff_id {
-            handoffs::settle_step_handoff(tx, handoff_id, to == "succeeded").await?;
+            handoffs::settle_step_handoff(tx, handoff_id, succeeded).await?;
         }
-        step_final(tx, state, run, &step, to == "succeeded", now).await?;
+        step_final(tx, state, &step, succeeded, now).await?;
     }
-    Ok(())
+    Ok(Some(()))
 }
 
-/// A step reached a final status: counts it, moves the run on by its pattern, and ends the run
-/// when it was the last.
+/// A step reached a final status: the run's barrier counts it (and hands back the run), the run
+/// moves on by its pattern, and the last step ends it.
 async fn step_final(
     tx: &mut Writer,
     state: &AppState,
-    run: &RunRow,
     step: &StepRow,
     succeeded: bool,
     now: i64,
 ) -> Result<()> {
-    let mut done = 1;
-    let failed = i64::from(!succeeded);
-    match (pattern(run)?, succeeded) {
+    let mut run = db::count_done(tx.conn(), &step.workflow_id, 1, i64::from(!succeeded)).await?;
+    let run_ref = &run.clone();
+    let mut skipped = 0;
+    match (pattern(run_ref)?, succeeded) {
         (Pattern::Sequential, true) => {
             if let Some(next) = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx + 1).await? {
-                dispatch(tx, state, run, vec![next], now).await?;
+                dispatch(tx, state, run_ref, vec![next], now).await?;
             }
         }
         (Pattern::Sequential, false) => {
             let rest: Vec<i64> = (step.idx + 1..run.steps_total).collect();
-            done += skip(tx, run, &rest, now).await?;
+            skipped = skip(tx, run_ref, &rest, now).await?;
         }
         (Pattern::Parallel, _) => {}
         (Pattern::DependencyBased, true) => {
             let dependants = StepRow::indexes(&step.dependants)?;
             let ready = db::satisfy(tx.conn(), &run.workflow_id, &dependants).await?;
             let ready = db::steps_in(tx.conn(), &run.workflow_id, &ready, "pending").await?;
-            dispatch(tx, state, run, ready, now).await?;
+            dispatch(tx, state, run_ref, ready, now).await?;
         }
         (Pattern::DependencyBased, false) => {
             // Everything downstream of the failure is skipped; independent branches go on.
@@ -533,14 +509,14 @@ async fn step_final(
                 }
             }
             let downstream: Vec<i64> = downstream.into_iter().collect();
-            done += skip(tx, run, &downstream, now).await?;
+            skipped = skip(tx, run_ref, &downstream, now).await?;
         }
         (Pattern::EventDriven, true) => {
             // This step's completion is the event `step:<step_id>` of its own run (every step
             // of the run exists from submit, so it needs no keeping for later).
             let name = format!("step:{}", step.step_id);
             let next = db::triggered_in_run(tx.conn(), &run.workflow_id, &name).await?;
-            dispatch(tx, state, run, next, now).await?;
+            dispatch(tx, state, run_ref, next, now).await?;
         }
         (Pattern::EventDriven, false) => {
             // Steps triggered by this one's completion can never start: skipped, and theirs.
@@ -552,18 +528,19 @@ async fn step_final(
                     downstream.push(s.idx);
                 }
             }
-            done += skip(tx, run, &downstream, now).await?;
+            skipped = skip(tx, run_ref, &downstream, now).await?;
         }
     }
-    let (steps_done, total, steps_failed) =
-        db::count_done(tx.conn(), &run.workflow_id, done, failed).await?;
-    if steps_done >= total {
-        let status = if steps_failed > 0 {
+    if skipped > 0 {
+        run = db::count_done(tx.conn(), &run.workflow_id, skipped, 0).await?;
+    }
+    if run.steps_done >= run.steps_total {
+        let status = if run.steps_failed > 0 {
             "failed"
         } else {
             "completed"
         };
-        run_ended(tx, run, status, now).await?;
+        run_ended(tx, &run, status, now).await?;
     }
     Ok(())
 }
@@ -711,7 +688,13 @@ pub async fn due(tx: &mut Writer, state: &AppState, now: i64) -> Result<usize> {
         }
         match step.status.as_str() {
             "dispatched" => {
-                attempt_ended(tx, state, &run, step, Outcome::TimedOut, now).await?;
+                let attempt = db::Attempt {
+                    workflow_id: &run.workflow_id,
+                    key: db::StepKey::Idx(step.idx),
+                    number: step.attempts,
+                    holder: None,
+                };
+                attempt_ended(tx, state, &attempt, Outcome::TimedOut, now).await?;
                 freed += 1;
             }
             "pending" | "waiting" => {

@@ -194,6 +194,7 @@ pub async fn submit(state: &AppState, def: WorkflowDefinition) -> Result<Workflo
                 status: "pending".into(),
                 agent_id: None,
                 attempts: 0,
+                attempt_at: None,
                 due_at: None,
                 output: None,
                 error: None,
