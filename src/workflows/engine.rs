@@ -475,24 +475,26 @@ async fn step_final(
     succeeded: bool,
     now: i64,
 ) -> Result<()> {
-    let mut run = db::count_done(tx.conn(), &step.workflow_id, 1, i64::from(!succeeded)).await?;
-    let run_ref = &run.clone();
+    let counted = db::count_done(tx.conn(), &step.workflow_id, 1, i64::from(!succeeded)).await?;
+    let run_ref = &counted;
     let mut skipped = 0;
     match (pattern(run_ref)?, succeeded) {
         (Pattern::Sequential, true) => {
-            if let Some(next) = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx + 1).await? {
+            if let Some(next) =
+                db::step_by_idx(tx.conn(), &counted.workflow_id, step.idx + 1).await?
+            {
                 dispatch(tx, state, run_ref, vec![next], now).await?;
             }
         }
         (Pattern::Sequential, false) => {
-            let rest: Vec<i64> = (step.idx + 1..run.steps_total).collect();
+            let rest: Vec<i64> = (step.idx + 1..counted.steps_total).collect();
             skipped = skip(tx, run_ref, &rest, now).await?;
         }
         (Pattern::Parallel, _) => {}
         (Pattern::DependencyBased, true) => {
             let dependants = StepRow::indexes(&step.dependants)?;
-            let ready = db::satisfy(tx.conn(), &run.workflow_id, &dependants).await?;
-            let ready = db::steps_in(tx.conn(), &run.workflow_id, &ready, "pending").await?;
+            let ready = db::satisfy(tx.conn(), &counted.workflow_id, &dependants).await?;
+            let ready = db::steps_in(tx.conn(), &counted.workflow_id, &ready, "pending").await?;
             dispatch(tx, state, run_ref, ready, now).await?;
         }
         (Pattern::DependencyBased, false) => {
@@ -500,7 +502,8 @@ async fn step_final(
             let mut downstream = BTreeSet::new();
             let mut frontier = StepRow::indexes(&step.dependants)?;
             while !frontier.is_empty() {
-                let open = db::steps_in(tx.conn(), &run.workflow_id, &frontier, "pending").await?;
+                let open =
+                    db::steps_in(tx.conn(), &counted.workflow_id, &frontier, "pending").await?;
                 frontier = Vec::new();
                 for s in open {
                     if downstream.insert(s.idx) {
@@ -515,7 +518,7 @@ async fn step_final(
             // This step's completion is the event `step:<step_id>` of its own run (every step
             // of the run exists from submit, so it needs no keeping for later).
             let name = format!("step:{}", step.step_id);
-            let next = db::triggered_in_run(tx.conn(), &run.workflow_id, &name).await?;
+            let next = db::triggered_in_run(tx.conn(), &counted.workflow_id, &name).await?;
             dispatch(tx, state, run_ref, next, now).await?;
         }
         (Pattern::EventDriven, false) => {
@@ -523,7 +526,7 @@ async fn step_final(
             let mut downstream = Vec::new();
             let mut names = vec![format!("step:{}", step.step_id)];
             while let Some(name) = names.pop() {
-                for s in db::triggered_in_run(tx.conn(), &run.workflow_id, &name).await? {
+                for s in db::triggered_in_run(tx.conn(), &counted.workflow_id, &name).await? {
                     names.push(format!("step:{}", s.step_id));
                     downstream.push(s.idx);
                 }
@@ -531,9 +534,12 @@ async fn step_final(
             skipped = skip(tx, run_ref, &downstream, now).await?;
         }
     }
-    if skipped > 0 {
-        run = db::count_done(tx.conn(), &run.workflow_id, skipped, 0).await?;
-    }
+    // The skipped steps are final too.
+    let run = if skipped > 0 {
+        db::count_done(tx.conn(), &counted.workflow_id, skipped, 0).await?
+    } else {
+        counted
+    };
     if run.steps_done >= run.steps_total {
         let status = if run.steps_failed > 0 {
             "failed"
