@@ -3,7 +3,8 @@
 //!
 //! All writes go through one owned connection, held by one user at a time: a [`Writer`] (an
 //! explicit transaction) or an [`AutoCommit`] (single statements, e.g. the batches of
-//! `messages::batch`). SQLite has a single writer anyway. Every event this connection logs is
+//! `messages::batch`). SQLite has a single writer anyway. A `Writer` appends the events it
+//! emitted in one statement when it commits. Every event this connection logs is
 //! also captured in a per-connection outbox (a TEMP trigger), and after each commit, still holding
 //! the connection, the outbox is drained to the broker: events leave in exactly the order of their
 //! `seq`, including those written by triggers, and only this instance's own. Reads use a separate
