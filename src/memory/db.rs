@@ -128,22 +128,6 @@ pub async fn list_memories(
     rows.iter().map(memory_from_row).collect()
 }
 
-pub async fn insert_edge(conn: &mut SqliteConnection, e: &EdgeRow) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO graph_edge (edge_id, source, target, relationship, properties, created_at)
-         VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&e.edge_id)
-    .bind(&e.source)
-    .bind(&e.target)
-    .bind(&e.relationship)
-    .bind(e.properties.to_string())
-    .bind(e.created_at)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Inserts edges, 1000 rows a statement.
 pub async fn insert_edges(conn: &mut SqliteConnection, edges: &[EdgeRow]) -> Result<()> {
     for chunk in edges.chunks(1000) {

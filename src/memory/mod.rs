@@ -251,37 +251,22 @@ pub async fn update_memory(tx: &mut Writer, memory_id: &str, patch: MemoryPatch)
 
 /// Adds a graph edge in the caller's transaction.
 pub async fn link(tx: &mut Writer, new: NewEdge) -> Result<Edge> {
-    validate_text("source", &new.source, 256)?;
-    validate_text("target", &new.target, 256)?;
-    validate_text("relationship", &new.relationship, 128)?;
-    validate_object("properties", &new.properties)?;
-    let edge = db::EdgeRow {
-        edge_id: new_id("edg"),
-        source: new.source,
-        target: new.target,
-        relationship: new.relationship,
-        properties: Value::Object(new.properties),
-        created_at: now_ms(),
-    };
-    db::insert_edge(tx.conn(), &edge).await?;
-    tx.emit(NewEvent::new(
-        "memory",
-        "graph.linked",
-        json!({"edge_id": edge.edge_id, "source": edge.source, "target": edge.target,
-               "relationship": edge.relationship}),
-    ));
-    Ok(edge.into())
+    let mut linked = link_many(tx, vec![new]).await?;
+    linked
+        .pop()
+        .ok_or_else(|| Error::Internal("an edge was not linked".into()))
 }
 
-/// Adds many graph edges in the caller's transaction, in one statement per thousand (the
-/// service's own records, e.g. a workflow's `precedes` edges).
-pub async fn link_many(tx: &mut Writer, new: Vec<NewEdge>) -> Result<()> {
+/// Adds graph edges in the caller's transaction, in one statement per thousand (e.g. a
+/// workflow's `precedes` edges); each is validated and announced (`graph.linked`).
+pub async fn link_many(tx: &mut Writer, new: Vec<NewEdge>) -> Result<Vec<Edge>> {
     let now = now_ms();
     let mut edges = Vec::with_capacity(new.len());
     for edge in new {
         validate_text("source", &edge.source, 256)?;
         validate_text("target", &edge.target, 256)?;
         validate_text("relationship", &edge.relationship, 128)?;
+        validate_object("properties", &edge.properties)?;
         edges.push(db::EdgeRow {
             edge_id: new_id("edg"),
             source: edge.source,
@@ -300,7 +285,7 @@ pub async fn link_many(tx: &mut Writer, new: Vec<NewEdge>) -> Result<()> {
                    "relationship": edge.relationship}),
         ));
     }
-    Ok(())
+    Ok(edges.into_iter().map(Edge::from).collect())
 }
 
 /// Records a pattern in the caller's transaction.
