@@ -290,16 +290,15 @@ pub async fn run(state: &AppState) -> Diagnostics {
         }
     }
     let efficiency = windows.recent(Measure::ParallelEfficiency, since);
-    if !efficiency.is_empty() {
-        let mean = efficiency.iter().sum::<f64>() / efficiency.len() as f64;
-        if mean < 0.7 {
-            recommendations.push(format!(
-                "Parallel workflows run at {:.0} % efficiency (under 70 %): their steps wait on \
-                 each other — spread them over more agents (capability routing) or shorten the \
-                 slowest steps.",
-                mean * 100.0
-            ));
-        }
+    if let Some(mean) = sla::mean(efficiency)
+        && mean < 0.7
+    {
+        recommendations.push(format!(
+            "Parallel workflows run at {:.0} % efficiency (under 70 %): their steps wait on \
+             each other — spread them over more agents (capability routing) or shorten the \
+             slowest steps.",
+            mean * 100.0
+        ));
     }
 
     let total = checks.len() as f64;

@@ -118,10 +118,6 @@ pub async fn load(state: &AppState, now: i64) -> Result<Load> {
     })
 }
 
-fn mean(values: &[f64]) -> Option<f64> {
-    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-}
-
 /// Builds the report.
 pub async fn build(state: &AppState) -> Result<MetricsReport> {
     let now = now_ms();
@@ -135,7 +131,7 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
     let load = load(state, now).await.ok();
     let mut outcomes = recent(Measure::HandoffSuccess);
     let completions = recent(Measure::WorkflowCompleted);
-    outcomes.extend(&completions);
+    outcomes.extend(completions.iter().copied());
 
     let broker_ops = recent(Measure::BrokerOperation);
     let sla = sla::report(windows, &state.config.sla_thresholds, window_s, now);
@@ -148,8 +144,8 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
         agent_coordination: AgentCoordination {
             active_agents: load.as_ref().map(|l| l.present),
             coordination_operations_per_second: windows.operations_per_second(since, now),
-            average_handoff_time_ms: mean(&recent(Measure::HandoffTime)),
-            coordination_success_rate: mean(&outcomes),
+            average_handoff_time_ms: sla::mean(recent(Measure::HandoffTime)),
+            coordination_success_rate: sla::mean(outcomes),
             agent_utilization: load.and_then(|l| l.utilisation),
         },
         workflow_performance: WorkflowPerformance {
@@ -158,9 +154,9 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
                 .iter()
                 .map(|(_, n)| n)
                 .sum(),
-            workflow_completion_rate: mean(&completions),
-            average_workflow_duration_ms: mean(&recent(Measure::WorkflowDuration)),
-            parallel_efficiency: mean(&recent(Measure::ParallelEfficiency)),
+            workflow_completion_rate: sla::mean(completions),
+            average_workflow_duration_ms: sla::mean(recent(Measure::WorkflowDuration)),
+            parallel_efficiency: sla::mean(recent(Measure::ParallelEfficiency)),
             workflow_pattern_usage: crate::workflows::db::count_by_pattern(reader)
                 .await?
                 .into_iter()
@@ -169,13 +165,13 @@ pub async fn build(state: &AppState) -> Result<MetricsReport> {
         session_management: SessionManagement {
             active_sessions: crate::sessions::db::count_active(reader).await?,
             sessions_created_in_window: recent(Measure::SessionCreate).len(),
-            average_creation_time_ms: mean(&recent(Measure::SessionCreate)),
-            average_update_time_ms: mean(&recent(Measure::SessionUpdate)),
+            average_creation_time_ms: sla::mean(recent(Measure::SessionCreate)),
+            average_update_time_ms: sla::mean(recent(Measure::SessionUpdate)),
         },
         broker_performance: BrokerPerformance {
             broker: state.broker.name().to_owned(),
             operations_in_window: broker_ops.len(),
-            average_operation_ms: mean(&broker_ops),
+            average_operation_ms: sla::mean(broker_ops),
             p95_operation_ms:
                 sla.components.redis_coordination.measured["coordination_operation_time_ms"]
                     .as_f64(),

@@ -121,7 +121,8 @@ fn p95(mut values: Vec<f64>) -> Option<f64> {
     Some(values[rank.clamp(1, values.len()) - 1])
 }
 
-fn mean(values: Vec<f64>) -> Option<f64> {
+/// The mean, None without samples.
+pub fn mean(values: Vec<f64>) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
