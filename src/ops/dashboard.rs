@@ -2,11 +2,10 @@
 //! CDN, no build step, nothing to deploy beside `ltmc`). The page loads its initial state over
 //! REST and follows `/v1/events/stream`; with auth on it asks for a read token.
 
-use axum::extract::Path;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use crate::error::Error;
+use crate::error::{Error, Path};
 
 const INDEX: &str = include_str!("../../static/index.html");
 const SCRIPT: &str = include_str!("../../static/app.js");
