@@ -798,6 +798,11 @@ both_brokers!(bad_input_is_never_a_500, |kind| async move {
         "/v1/memories".to_owned(),
         "/v1/graph/edges".to_owned(),
         "/v1/patterns".to_owned(),
+        // Workflows.
+        "/v1/workflows".to_owned(),
+        "/v1/workflows/wf_x/steps/s/result".to_owned(),
+        "/v1/workflows/wf_x/cancel".to_owned(),
+        "/v1/events".to_owned(),
     ];
     for path in &paths {
         for body in &bodies {
@@ -833,6 +838,10 @@ both_brokers!(bad_input_is_never_a_500, |kind| async move {
         "/v1/checkpoints?coordination_id=",
         "/v1/coordinations/crd_x?wait_ms=-1",
         "/v1/agents/%FF/context",
+        "/v1/workflows?status=nope&limit=0",
+        "/v1/workflows?cursor=%FF",
+        "/v1/workflows/%FF",
+        "/static/%FF",
     ] {
         let answer = get(&app, path).await;
         assert!(

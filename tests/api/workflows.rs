@@ -764,3 +764,80 @@ async fn two_instances_share_runs_without_double_transitions() {
     b.stop().await;
     a.stop().await;
 }
+
+// Bad input to the workflow endpoints is a clear 4xx and changes nothing: unknown fields, an
+// oversized output or payload, an empty event name, a result for an unknown step.
+both_brokers!(
+    bad_input_is_refused_and_changes_nothing,
+    |kind| async move {
+        let app = TestApp::spawn_with(
+            crate::harness::Options::new(kind).configure(|c| c.limits.max_content_bytes = 1024),
+        )
+        .await;
+        let def =
+            json!({"name": "w", "pattern": "parallel", "steps": [{"step_id": "s", "agent": "w"}]});
+        let mut typo = def.clone();
+        typo["stepz"] = json!([]);
+        assert_eq!(app.post("/v1/workflows", typo).await.0, 422);
+        let run = submit(&app, def).await;
+        let id = run["workflow_id"].as_str().unwrap().to_owned();
+        let step = take_step(&app, "w").await;
+        let path = format!("/v1/workflows/{id}/steps/s/result");
+        let result = |extra: Value| {
+            let mut body = json!({"agent_id": "w", "attempt": step["attempt"], "success": true});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            body
+        };
+        let cases = [
+            (path.clone(), result(json!({"atempt": 1})), 422),
+            (
+                path.clone(),
+                result(json!({"output": "x".repeat(2000)})),
+                413,
+            ),
+            (
+                path.clone(),
+                result(json!({"error": "e".repeat(5000)})),
+                422,
+            ),
+            (path.clone(), result(json!({"agent_id": "bad id"})), 422),
+            (
+                format!("/v1/workflows/{id}/steps/nope/result"),
+                result(json!({})),
+                404,
+            ),
+            (
+                "/v1/workflows/wf_nope/steps/s/result".into(),
+                result(json!({})),
+                404,
+            ),
+            ("/v1/events".into(), json!({"name": ""}), 422),
+            (
+                "/v1/events".into(),
+                json!({"name": "e", "payload": {"p": "x".repeat(2000)}}),
+                413,
+            ),
+            (
+                "/v1/events".into(),
+                json!({"name": "e", "workflow_id": "wf_nope"}),
+                404,
+            ),
+            ("/v1/events".into(), json!({"name": "e", "extra": 1}), 422),
+        ];
+        for (path, body, expected) in cases {
+            let (status, problem) = app.post(&path, body.clone()).await;
+            assert_eq!(status, expected, "{path} {body}: {problem}");
+            assert!(
+                problem["title"].is_string(),
+                "a problem document: {problem}"
+            );
+        }
+        let (_, unchanged) = app.get(&format!("/v1/workflows/{id}")).await;
+        assert_eq!(step_status(&unchanged, "s"), "dispatched");
+        assert_eq!(unchanged["steps"][0]["attempts"], 1);
+        assert_eq!(app.get("/v1/workflows?status=nope").await.0, 422);
+        app.stop().await;
+    }
+);
