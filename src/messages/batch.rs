@@ -5,9 +5,9 @@
 //! and requests queued on the write connection's lock each wait behind every other. Instead these
 //! requests queue here and one task takes the write connection once per batch (up to
 //! [`MAX_BATCH`] requests): all sends go in as one INSERT (triggers log their events and apply the
-//! queue cap), all acks as one UPDATE, then each claim as its own statement. Under light load a
-//! batch is one request and adds no wait; under heavy load batches grow and the cost per request
-//! falls. Every request gets its own answer (202, 204, 409, 429, …), sent only after its
+//! queue cap), all acks as one UPDATE, then the claims as one UPDATE (a recipient's second claim
+//! in a later one). Under light load a batch is one request and adds no wait; under heavy load
+//! batches grow and the cost per request falls. Every request gets its own answer (202, 204, 409, 429, …), sent only after its
 //! statement committed.
 
 use std::collections::HashMap;
@@ -183,37 +183,75 @@ impl Committer {
             answers
         });
         reply_each(acks.into_iter().map(|j| j.reply), acked);
-        // Claims last, so they see this batch's sends; each is its own statement and answer.
+        // Claims last, so they see this batch's sends.
+        self.apply_claims(&mut conn, claims).await;
+    }
+
+    /// The claims of distinct recipients run as one statement (a second claim for a recipient
+    /// goes in the next round, so it takes what the first left). Several rounds share one
+    /// transaction; the answers go out after the commit, and a failed round or commit answers
+    /// its claims 503 (nothing was claimed).
+    async fn apply_claims(&self, conn: &mut AutoCommit, claims: Vec<ClaimJob>) {
+        // The requester is gone (timed out, disconnected): claiming for nobody would park
+        // the messages under a lease no one holds and spend one of their deliveries.
+        let claims: Vec<ClaimJob> = claims
+            .into_iter()
+            .filter(|j| !j.reply.is_closed())
+            .collect();
+        let mut rounds: Vec<Vec<ClaimJob>> = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
         for job in claims {
-            // The requester is gone (timed out, disconnected): claiming for nobody would park
-            // the messages under a lease no one holds and spend one of their deliveries.
-            if job.reply.is_closed() {
-                continue;
+            let round = seen.entry(job.agent_id.clone()).or_default();
+            if *round == rounds.len() {
+                rounds.push(Vec::new());
             }
-            let claimed = db::claim(
-                &mut conn,
-                &job.agent_id,
-                job.limit,
-                &job.lease_id,
-                job.lease_expires_at,
-                job.auto_ack,
-                job.now,
-            )
-            .await;
-            if let Ok(messages) = &claimed {
-                let n = messages.len() as u64;
+            rounds[*round].push(job);
+            *round += 1;
+        }
+        let together = rounds.len() > 1;
+        if together && let Err(e) = conn.begin().await {
+            let replies: Vec<_> = rounds.into_iter().flatten().map(|j| j.reply).collect();
+            reply_each(replies.into_iter(), Err(e));
+            return;
+        }
+        let mut answered = Vec::new();
+        for round in rounds {
+            let specs: Vec<db::Claim> = round
+                .iter()
+                .map(|j| db::Claim {
+                    recipient: &j.agent_id,
+                    limit: j.limit,
+                    lease_id: &j.lease_id,
+                    lease_expires_at: j.lease_expires_at,
+                    auto_ack: j.auto_ack,
+                    now: j.now,
+                })
+                .collect();
+            match db::claim_many(conn, &specs).await {
+                Ok(mut taken) => answered.extend(round.into_iter().map(|j| {
+                    let messages = taken.remove(&j.lease_id).unwrap_or_default();
+                    (j, messages)
+                })),
+                Err(e) => reply_each(round.into_iter().map(|j| j.reply), Err(e)),
+            }
+        }
+        if together && let Err(e) = conn.commit().await {
+            reply_each(answered.into_iter().map(|(j, _)| j.reply), Err(e));
+            return;
+        }
+        for (job, messages) in answered {
+            let n = messages.len() as u64;
+            self.metrics
+                .messages
+                .with_label_values(&["claimed"])
+                .inc_by(n);
+            if job.auto_ack {
                 self.metrics
                     .messages
-                    .with_label_values(&["claimed"])
+                    .with_label_values(&["acked"])
                     .inc_by(n);
-                if job.auto_ack {
-                    self.metrics
-                        .messages
-                        .with_label_values(&["acked"])
-                        .inc_by(n);
-                }
             }
-            let _ = job.reply.send(claimed);
+            let _ = job.reply.send(Ok(messages));
         }
     }
 }

@@ -2,7 +2,7 @@
 //! `(recipient, state, priority DESC, seq)`, so priority-then-FIFO holds, also for redelivered
 //! messages (they keep their `seq`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
 
@@ -157,42 +157,76 @@ pub async fn ack_many(
     Ok(acked)
 }
 
-/// Claims up to `limit` visible queued messages under a fresh lease (or acks them at once with
-/// `auto_ack`). Returned in claim order.
-pub async fn claim(
+/// A claim for [`claim_many`]: up to `limit` (at most [`MAX_CLAIM`]) visible queued messages
+/// of `recipient` under the lease `lease_id` (acked at once with `auto_ack`).
+pub struct Claim<'a> {
+    pub recipient: &'a str,
+    pub limit: u32,
+    pub lease_id: &'a str,
+    pub lease_expires_at: i64,
+    pub auto_ack: bool,
+    pub now: i64,
+}
+
+/// Most messages one claim takes.
+pub const MAX_CLAIM: u32 = 100;
+
+/// Runs claims of distinct recipients together, one statement per 500: each takes its
+/// recipient's first visible queued messages (priority, then age). Returns the messages each
+/// lease took, in claim order (a lease that found none is absent).
+pub async fn claim_many(
     conn: &mut SqliteConnection,
-    recipient: &str,
-    limit: u32,
-    lease_id: &str,
-    lease_expires_at: i64,
-    auto_ack: bool,
-    now: i64,
-) -> Result<Vec<MessageRow>> {
-    let state = if auto_ack { "acked" } else { "claimed" };
-    let rows = sqlx::query(
-        "UPDATE message
-         SET state = ?, lease_id = ?, lease_expires_at = ?, delivery_count = delivery_count + 1,
-             finished_at = CASE WHEN ? = 'acked' THEN ? END
-         WHERE seq IN (SELECT seq FROM message
-                       WHERE recipient = ? AND state = 'queued' AND visible_at <= ?
-                       ORDER BY priority DESC, seq LIMIT ?)
-         RETURNING seq, message_id, sender, recipient, message_type, content, priority,
-                   correlation_id, created_at, state, delivery_count, lease_id, lease_expires_at",
-    )
-    .bind(state)
-    .bind(lease_id)
-    .bind(lease_expires_at)
-    .bind(state)
-    .bind(now)
-    .bind(recipient)
-    .bind(now)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
-    let mut messages = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+    claims: &[Claim<'_>],
+) -> Result<HashMap<String, Vec<MessageRow>>> {
+    let mut taken: HashMap<String, Vec<MessageRow>> = HashMap::new();
+    for chunk in claims.chunks(500) {
+        let mut update = QueryBuilder::new(
+            "WITH c(c_recipient, c_limit, c_lease, c_expires, c_state, c_now) AS (",
+        );
+        update.push_values(chunk, |mut row, c| {
+            row.push_bind(c.recipient.to_owned())
+                .push_bind(c.limit)
+                .push_bind(c.lease_id.to_owned())
+                .push_bind(c.lease_expires_at)
+                .push_bind(if c.auto_ack { "acked" } else { "claimed" })
+                .push_bind(c.now);
+        });
+        // Each claim's candidates come from its recipient's queue index (at most MAX_CLAIM of
+        // them, as a JSON array a LIMIT cannot take from the outer row), cut to its limit.
+        update.push(format!(
+            ") UPDATE message
+               SET state = c_state, lease_id = c_lease, lease_expires_at = c_expires,
+                   delivery_count = delivery_count + 1,
+                   finished_at = CASE WHEN c_state = 'acked' THEN c_now END
+               FROM c, json_each((
+                   SELECT json_group_array(seq) FROM (
+                       SELECT seq FROM message m
+                       WHERE m.recipient = c_recipient AND m.state = 'queued'
+                         AND m.visible_at <= c_now
+                       ORDER BY m.priority DESC, m.seq LIMIT {MAX_CLAIM}))) AS j
+               WHERE message.seq = j.value AND j.key < c_limit
+               RETURNING seq, message_id, sender, recipient, message_type, content, priority,
+                         correlation_id, created_at, state, delivery_count, lease_id,
+                         lease_expires_at"
+        ));
+        // One text per batch size: only the single one is kept in the statement cache.
+        let persistent = chunk.len() == 1;
+        for row in update
+            .build()
+            .persistent(persistent)
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            let message = from_row(&row)?;
+            let lease = message.lease_id.clone().unwrap_or_default();
+            taken.entry(lease).or_default().push(message);
+        }
+    }
     // RETURNING does not promise an order.
-    messages.sort_by_key(|m| (-m.priority, m.seq));
-    Ok(messages)
+    for messages in taken.values_mut() {
+        messages.sort_by_key(|m| (-m.priority, m.seq));
+    }
+    Ok(taken)
 }
 
 /// Where a message stands, for explaining why a lease operation was refused.

@@ -243,7 +243,7 @@ pub async fn send(
 /// Claims messages under a fresh lease.
 pub async fn claim(state: &AppState, agent_id: &str, request: ClaimRequest) -> Result<Claimed> {
     validate_agent_id("agent_id", agent_id)?;
-    if !(1..=100).contains(&request.limit) {
+    if !(1..=db::MAX_CLAIM).contains(&request.limit) {
         return Err(Error::invalid("limit", "must be 1-100"));
     }
     check_visibility("visibility_timeout_s", request.visibility_timeout_s)?;

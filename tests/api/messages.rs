@@ -269,3 +269,66 @@ both_brokers!(idempotency_key_makes_retries_safe, |kind| async move {
     assert_eq!(app.claim("w", json!({"limit": 10})).await.len(), 1);
     app.stop().await;
 });
+
+both_brokers!(
+    concurrent_claims_share_a_queue_without_overlap,
+    |kind| async move {
+        // Claims arriving together run as one statement per round: a second claim for the
+        // same agent takes what the first left, never the same message.
+        let app = TestApp::spawn(kind).await;
+        for i in 0..60 {
+            app.send("shared", "b", json!(i), 0).await;
+        }
+        for i in 0..5 {
+            app.send("other", "b", json!(i), 0).await;
+        }
+        let shared = (0..6).map(|_| app.claim("shared", json!({"limit": 10})));
+        let other = (0..3).map(|_| app.claim("other", json!({"limit": 2, "auto_ack": true})));
+        let (shared, other) = tokio::join!(
+            futures_util::future::join_all(shared),
+            futures_util::future::join_all(other)
+        );
+        let mut contents: Vec<i64> = shared
+            .iter()
+            .flatten()
+            .map(|m| m["content"].as_i64().unwrap())
+            .collect();
+        assert!(
+            shared.iter().all(|batch| batch.len() == 10),
+            "each claim takes its limit"
+        );
+        contents.sort_unstable();
+        assert_eq!(contents, (0..60).collect::<Vec<_>>(), "every message once");
+        let leases: std::collections::HashSet<&str> = shared
+            .iter()
+            .map(|batch| {
+                let lease = batch[0]["lease_id"].as_str().unwrap();
+                assert!(batch.iter().all(|m| m["lease_id"] == lease));
+                lease
+            })
+            .collect();
+        assert_eq!(leases.len(), 6, "one lease per claim");
+        // In claim order within each claim.
+        for batch in &shared {
+            let order: Vec<i64> = batch
+                .iter()
+                .map(|m| m["content"].as_i64().unwrap())
+                .collect();
+            assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        }
+        let mut sizes: Vec<usize> = other.iter().map(Vec::len).collect();
+        sizes.sort_unstable();
+        assert_eq!(
+            sizes,
+            [1, 2, 2],
+            "the limits of the other agent's claims, 5 in all"
+        );
+        assert!(app.claim("shared", json!({})).await.is_empty());
+        assert!(app.claim("other", json!({})).await.is_empty());
+        let (_, depth) = app
+            .get("/v1/agents/shared/messages?state=claimed&limit=100")
+            .await;
+        assert_eq!(depth["items"].as_array().unwrap().len(), 60);
+        app.stop().await;
+    }
+);
