@@ -40,8 +40,9 @@
 //!   each on its stream, claim (limit 32, auto-ack) on every `new_message`
 //!   frame and post every claimed step's result at once, `--concurrency`
 //!   results in flight in all. The window submits workflows (`--rate`
-//!   workflows/s): four of five are parallel, `--steps` steps spread over the
-//!   agents; the fifth is sequential, 5 steps alternating between two agents.
+//!   workflows/s): parallel ones of `--steps` steps spread over the agents and,
+//!   every `--sequential-every` (default 5th), a sequential one of 5 steps
+//!   alternating between two agents.
 //!   `step` runs from the submit's answer to the accepted result (parallel
 //!   steps); `handover` from just before a sequential step's result POST to
 //!   the next step's `new_message` frame on the other agent's stream.
@@ -99,8 +100,7 @@ const WAKE_FALLBACK: Duration = Duration::from_secs(1);
 const HELD_PER_AGENT: usize = 1000;
 /// Workflow: a held step's timeout, the longest the server allows.
 const HELD_TIMEOUT_MS: u64 = 3_600_000;
-/// Workflow: every fifth workflow is sequential, of this many steps.
-const SEQUENTIAL_EVERY: u64 = 5;
+/// Workflow: the sequential workflows' steps.
 const SEQUENTIAL_STEPS: usize = 5;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -151,6 +151,9 @@ struct Args {
     /// Steps of each parallel workflow (workflow).
     #[arg(long, default_value_t = 10, value_parser = positive())]
     steps: usize,
+    /// Every how many workflows one is sequential, 0 = none (workflow).
+    #[arg(long, default_value_t = 5)]
+    sequential_every: u64,
     /// Runs to submit and leave executing before the window, 0 = none (workflow) [default: 10000].
     #[arg(long)]
     runs_held: Option<usize>,
@@ -803,11 +806,12 @@ impl Bench {
         }
     }
 
-    /// Workflow: submits workflow `i`: every fifth sequential, alternating
+    /// Workflow: submits workflow `i`: every `--sequential-every`th sequential, alternating
     /// between two agents, the others parallel, spread over the agents.
     async fn submit(&self, i: u64, counted: bool) -> Result<(), String> {
         let n = self.targets;
-        let sequential = i % SEQUENTIAL_EVERY == SEQUENTIAL_EVERY - 1;
+        let every = self.args.sequential_every;
+        let sequential = every > 0 && i % every == every - 1;
         let (pattern, steps): (_, Vec<Value>) = if sequential {
             let first = (mix(self.seed ^ i) % n as u64) as usize;
             let pair = [first, (first + 1) % n];
