@@ -44,8 +44,8 @@ pub struct AppState {
     pub stream_slots: Arc<StreamSlots>,
     /// Where sends, acks and claims queue for their batched turn on the write connection.
     pub batcher: messages::batch::Batcher,
-    /// Where workflow step results queue for theirs.
-    pub results: workflows::batch::Batcher,
+    /// Where new workflow runs and step results queue for theirs.
+    pub engine: workflows::batch::Batcher,
     /// This instance's Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Cancelled when the service stops: loops and streams select on it.
@@ -59,7 +59,7 @@ pub struct App {
     state: AppState,
     listener: TcpListener,
     committer: messages::batch::Committer,
-    results: workflows::batch::Committer,
+    engine: workflows::batch::Committer,
 }
 
 impl App {
@@ -96,7 +96,7 @@ impl App {
             metrics.clone(),
             config.limits.max_queued_per_agent,
         );
-        let (result_batcher, results) = workflows::batch::channel();
+        let (engine_batcher, engine) = workflows::batch::channel();
         let state = AppState {
             config: Arc::new(config),
             store,
@@ -104,7 +104,7 @@ impl App {
             hub: Hub::new(last_seq),
             stream_slots: Arc::default(),
             batcher,
-            results: result_batcher,
+            engine: engine_batcher,
             metrics: metrics.clone(),
             shutdown,
             tracker: TaskTracker::new(),
@@ -113,7 +113,7 @@ impl App {
             state,
             listener,
             committer,
-            results,
+            engine,
         })
     }
 
@@ -134,7 +134,7 @@ impl App {
             state,
             listener,
             committer,
-            results,
+            engine,
         } = self;
         let shutdown = state.shutdown.clone();
         let tracker = state.tracker.clone();
@@ -143,7 +143,7 @@ impl App {
         // event committed before it stops.
         let stop_committing = CancellationToken::new();
         let committing = tokio::spawn(committer.run(stop_committing.clone()));
-        let committing_results = tokio::spawn(results.run(state.clone(), stop_committing.clone()));
+        let committing_engine = tokio::spawn(engine.run(state.clone(), stop_committing.clone()));
         let stop_publishing = CancellationToken::new();
         let publishing = {
             let (broker, hub, token) = (
@@ -175,8 +175,8 @@ impl App {
         if let Err(e) = committing.await {
             tracing::error!(error = %e, "the committer failed");
         }
-        if let Err(e) = committing_results.await {
-            tracing::error!(error = %e, "the step result committer failed");
+        if let Err(e) = committing_engine.await {
+            tracing::error!(error = %e, "the workflow committer failed");
         }
         tracker.close();
         tracker.wait().await;

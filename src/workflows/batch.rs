@@ -1,21 +1,27 @@
-//! Group commit for step results, the engine's hot path. Results queue here and one task runs a
-//! batch of them (up to [`MAX_BATCH`]) in one store transaction: each result is checked against
-//! the step (a refusal — 404, 409 — writes nothing), then moves it with a compare-and-set and
-//! what follows (the next steps, the run's end); the freed slots go to waiting steps once per
-//! batch. Under light load a batch is one result and adds no wait; under load the transaction's
-//! fixed costs (begin, the events' insert, commit) are shared. A failure after a step moved rolls
-//! the whole batch back and each of its results is answered 503 (retry: nothing was recorded).
+//! Group commit for the engine's hot paths: submitted runs and step results. Both queue here
+//! and one task runs a batch of them (up to [`MAX_BATCH`]) in one store transaction: the new
+//! runs are inserted with their steps (one statement for all) and their first steps dispatched; then the results of distinct steps end their
+//! attempts in one compare-and-set (a result whose step did not move is refused — 404, 409 —
+//! writing nothing) and what follows runs for all of them (the barrier, the next steps, the
+//! runs' ends); the freed slots go to waiting steps once per batch. Under light load a batch is
+//! one request and adds no wait; under load the transaction's fixed costs (begin, the events'
+//! insert, commit and its pages) are shared. A failure after anything moved rolls the whole
+//! batch back and each of its requests is answered 503 (retry: nothing was recorded).
+
+use std::collections::{HashMap, HashSet};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::db::{RunRow, StepRow};
+use super::definition::WorkflowDefinition;
 use super::engine::{self, Outcome};
 use super::{StepResult, db};
 use crate::app::AppState;
 use crate::error::{Error, Result};
 use crate::store::Writer;
 
-/// Most results committed together.
+/// Most requests committed together.
 pub const MAX_BATCH: usize = 256;
 
 /// A validated result waiting for its commit.
@@ -27,15 +33,29 @@ pub struct ResultJob {
     pub reply: oneshot::Sender<Result<()>>,
 }
 
+/// A validated run, its rows built, waiting for its commit.
+pub struct StartJob {
+    pub run: RunRow,
+    pub steps: Vec<StepRow>,
+    pub def: WorkflowDefinition,
+    pub reply: oneshot::Sender<Result<()>>,
+}
+
+/// What the committer commits.
+pub enum Job {
+    Start(Box<StartJob>),
+    Result(ResultJob),
+}
+
 /// The handle requests submit to.
 #[derive(Clone)]
 pub struct Batcher {
-    jobs: mpsc::Sender<ResultJob>,
+    jobs: mpsc::Sender<Job>,
 }
 
 /// The committing side, run by [`Committer::run`].
 pub struct Committer {
-    jobs: mpsc::Receiver<ResultJob>,
+    jobs: mpsc::Receiver<Job>,
 }
 
 /// Creates the pair; the app runs the committer as a task.
@@ -45,8 +65,25 @@ pub fn channel() -> (Batcher, Committer) {
 }
 
 impl Batcher {
+    /// Queues a new run and waits for its commit (its first steps dispatched).
+    pub async fn start(
+        &self,
+        run: RunRow,
+        steps: Vec<StepRow>,
+        def: WorkflowDefinition,
+    ) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        let job = StartJob {
+            run,
+            steps,
+            def,
+            reply,
+        };
+        self.send(Job::Start(Box::new(job)), answer).await
+    }
+
     /// Queues a result and waits for its commit.
-    pub async fn submit(
+    pub async fn result(
         &self,
         workflow_id: &str,
         step_id: &str,
@@ -61,6 +98,10 @@ impl Batcher {
             now,
             reply,
         };
+        self.send(Job::Result(job), answer).await
+    }
+
+    async fn send(&self, job: Job, answer: oneshot::Receiver<Result<()>>) -> Result<()> {
         self.jobs
             .send(job)
             .await
@@ -109,33 +150,89 @@ impl Committer {
     }
 }
 
-/// Runs one batch in one transaction and answers each result.
-async fn commit(state: &AppState, jobs: Vec<ResultJob>) {
-    if jobs.is_empty() {
+/// Runs one batch in one transaction and answers each request.
+async fn commit(state: &AppState, batch: Vec<Job>) {
+    if batch.is_empty() {
         return;
+    }
+    let (mut starts, mut jobs) = (Vec::new(), Vec::new());
+    let mut now = 0;
+    for job in batch {
+        match job {
+            Job::Start(start) => {
+                now = now.max(start.run.created_at);
+                starts.push(*start);
+            }
+            Job::Result(result) => {
+                now = now.max(result.now);
+                jobs.push(result);
+            }
+        }
     }
     let mut tx = match state.store.begin().await {
         Ok(tx) => tx,
-        Err(e) => return fail(jobs.into_iter().map(|j| j.reply), &e),
+        Err(e) => return fail(replies_of(starts.into_iter(), jobs), &e),
     };
-    let mut accepted = Vec::with_capacity(jobs.len());
-    let mut jobs = jobs.into_iter();
-    let mut now = 0;
-    while let Some(job) = jobs.next() {
-        now = now.max(job.now);
+    // A requester already gone (timed out, disconnected) was not told of a run: creating it
+    // now would make the client's retry a second one.
+    starts.retain(|start| !start.reply.is_closed());
+    if let Err(e) = insert_runs(&mut tx, &starts).await {
+        drop(tx);
+        return fail(replies_of(starts.into_iter(), jobs), &e);
+    }
+    let mut accepted = Vec::with_capacity(starts.len() + jobs.len());
+    let mut started = starts.into_iter();
+    while let Some(StartJob {
+        run,
+        steps,
+        def,
+        reply,
+    }) = started.next()
+    {
+        match engine::started(&mut tx, state, &run, &def, steps, run.created_at).await {
+            Ok(()) => accepted.push(reply),
+            Err(e) => {
+                drop(tx);
+                let replies = accepted.into_iter().chain([reply]);
+                return fail(replies.chain(replies_of(started, jobs)), &e);
+            }
+        }
+    }
+    // The first result for each step ends together with the others; a second one for a step
+    // (a client's retry racing its first) is looked at after, on its own.
+    let mut seen = HashSet::new();
+    let (first, again): (Vec<ResultJob>, Vec<ResultJob>) = jobs
+        .into_iter()
+        .partition(|j| seen.insert((j.workflow_id.clone(), j.step_id.clone())));
+    let applied = match apply_all(&mut tx, state, first, now).await {
+        Ok(replies) => replies,
+        Err((e, replies)) => {
+            drop(tx);
+            let replies = accepted.into_iter().chain(replies);
+            return fail(replies.chain(again.into_iter().map(|j| j.reply)), &e);
+        }
+    };
+    // Each result accepted ended a held step (or repeated one that did): its place is free.
+    let mut freed = applied.len();
+    accepted.extend(applied);
+    let mut again = again.into_iter();
+    while let Some(job) = again.next() {
         match apply(&mut tx, state, &job).await {
-            Ok(()) => accepted.push(job.reply),
+            Ok(()) => {
+                freed += 1;
+                accepted.push(job.reply);
+            }
             Err(e) if is_refusal(&e) => {
                 let _ = job.reply.send(Err(e));
             }
             Err(e) => {
                 drop(tx);
                 let replies = accepted.into_iter().chain([job.reply]);
-                return fail(replies.chain(jobs.map(|j| j.reply)), &e);
+                return fail(replies.chain(again.map(|j| j.reply)), &e);
             }
         }
     }
-    let freed = u32::try_from(accepted.len()).unwrap_or(u32::MAX);
+    let freed = u32::try_from(freed).unwrap_or(u32::MAX);
     let finished = match engine::fill_waiting(&mut tx, state, freed, now).await {
         Ok(()) => tx.commit(&state.broker).await,
         Err(e) => Err(e),
@@ -148,33 +245,110 @@ async fn commit(state: &AppState, jobs: Vec<ResultJob>) {
     }
 }
 
-/// Answers every reply 503: the batch was rolled back (the cause is logged once).
-fn fail(replies: impl Iterator<Item = oneshot::Sender<Result<()>>>, error: &Error) {
-    tracing::error!(error = %error, "a batch of step results was rolled back");
-    for reply in replies {
-        let _ = reply.send(Err(Error::Unavailable(
-            "the result was not recorded; retry".into(),
-        )));
+/// The replies of requests not yet answered.
+fn replies_of(
+    starts: impl Iterator<Item = StartJob>,
+    jobs: Vec<ResultJob>,
+) -> impl Iterator<Item = oneshot::Sender<Result<()>>> {
+    starts
+        .map(|j| j.reply)
+        .chain(jobs.into_iter().map(|j| j.reply))
+}
+
+/// New runs with their steps, all in a few statements.
+async fn insert_runs(tx: &mut Writer, starts: &[StartJob]) -> Result<()> {
+    if starts.is_empty() {
+        return Ok(());
+    }
+    let runs: Vec<&RunRow> = starts.iter().map(|s| &s.run).collect();
+    db::insert_runs(tx.conn(), &runs).await?;
+    let steps: Vec<&StepRow> = starts.iter().flat_map(|s| &s.steps).collect();
+    db::insert_steps(tx.conn(), &steps).await
+}
+
+/// How a result ends its attempt.
+fn outcome(result: &StepResult) -> Outcome {
+    if result.success {
+        Outcome::Succeeded(result.output.as_ref().map(|o| o.get().to_owned()))
+    } else {
+        Outcome::Failed(result.error.clone().unwrap_or_else(|| "failed".into()))
     }
 }
 
-/// One result: the attempt ends with one compare-and-set (the step must be out, under this
-/// attempt, with this agent), then the run moves on. Only when that finds nothing is the step
-/// read, to tell a repeat of a recorded result (200) from a refusal (404, 409), nothing written.
+fn attempt(job: &ResultJob) -> db::Attempt<'_> {
+    db::Attempt {
+        workflow_id: &job.workflow_id,
+        key: db::StepKey::Id(&job.step_id),
+        number: job.result.attempt,
+        holder: Some(&job.result.agent_id),
+    }
+}
+
+/// Results for distinct steps: their attempts end in one compare-and-set, then what follows for
+/// all of them. A result whose step did not move is refused (or is a repeat), nothing written.
+/// Returns the replies of those accepted; on a failure, the replies of every result not yet
+/// answered (whatever moved is rolled back with the batch).
+async fn apply_all(
+    tx: &mut Writer,
+    state: &AppState,
+    jobs: Vec<ResultJob>,
+    now: i64,
+) -> std::result::Result<Vec<oneshot::Sender<Result<()>>>, (Error, Vec<oneshot::Sender<Result<()>>>)>
+{
+    let outcomes: Vec<Outcome> = jobs.iter().map(|j| outcome(&j.result)).collect();
+    let (moved, kinds) = {
+        let ends: Vec<(db::Attempt, db::Ending)> = jobs
+            .iter()
+            .zip(&outcomes)
+            .map(|(job, outcome)| (attempt(job), engine::ending(outcome)))
+            .collect();
+        let kinds: Vec<&'static str> = ends.iter().map(|(_, ending)| ending.outcome).collect();
+        (db::end_attempts(tx.conn(), &ends, now).await, kinds)
+    };
+    let moved = match moved {
+        Ok(moved) => moved,
+        Err(e) => return Err((e, jobs.into_iter().map(|j| j.reply).collect())),
+    };
+    let mut moved: HashMap<(String, String), StepRow> = moved
+        .into_iter()
+        .map(|step| ((step.workflow_id.clone(), step.step_id.clone()), step))
+        .collect();
+    let mut ended = Vec::with_capacity(moved.len());
+    let mut accepted = Vec::with_capacity(jobs.len());
+    let mut jobs = jobs.into_iter().zip(kinds);
+    while let Some((job, kind)) = jobs.next() {
+        if let Some(step) = moved.remove(&(job.workflow_id.clone(), job.step_id.clone())) {
+            ended.push((step, kind));
+            accepted.push(job.reply);
+            continue;
+        }
+        match refused(tx, &job).await {
+            Ok(()) => accepted.push(job.reply),
+            Err(e) if is_refusal(&e) => {
+                let _ = job.reply.send(Err(e));
+            }
+            Err(e) => {
+                accepted.push(job.reply);
+                accepted.extend(jobs.map(|(j, _)| j.reply));
+                return Err((e, accepted));
+            }
+        }
+    }
+    match engine::steps_ended(tx, state, ended, now).await {
+        Ok(()) => Ok(accepted),
+        // Past the compare-and-set a refusal would leave half a move: not a refusal.
+        Err(e) if is_refusal(&e) => Err((
+            Error::Internal(format!("after the step moved: {e}")),
+            accepted,
+        )),
+        Err(e) => Err((e, accepted)),
+    }
+}
+
+/// One result on its own: the attempt ends with one compare-and-set (the step must be out,
+/// under this attempt, with this agent), then the run moves on; else [`refused`].
 async fn apply(tx: &mut Writer, state: &AppState, job: &ResultJob) -> Result<()> {
-    let (workflow_id, step_id, body) = (&job.workflow_id, &job.step_id, &job.result);
-    let outcome = if body.success {
-        Outcome::Succeeded(body.output.as_ref().map(|o| o.get().to_owned()))
-    } else {
-        Outcome::Failed(body.error.clone().unwrap_or_else(|| "failed".into()))
-    };
-    let attempt = db::Attempt {
-        workflow_id,
-        key: db::StepKey::Id(step_id),
-        number: body.attempt,
-        holder: Some(&body.agent_id),
-    };
-    let ended = engine::attempt_ended(tx, state, &attempt, outcome, job.now)
+    let ended = engine::attempt_ended(tx, state, &attempt(job), outcome(&job.result), job.now)
         .await
         .map_err(|e| match e {
             // Past the compare-and-set a refusal would leave half a move: not a refusal.
@@ -184,6 +358,13 @@ async fn apply(tx: &mut Writer, state: &AppState, job: &ResultJob) -> Result<()>
     if ended.is_some() {
         return Ok(());
     }
+    refused(tx, job).await
+}
+
+/// A result whose step did not move: the step is read to tell a repeat of a recorded result
+/// (Ok: answered 200) from a refusal (404, 409). Writes nothing.
+async fn refused(tx: &mut Writer, job: &ResultJob) -> Result<()> {
+    let (workflow_id, step_id, body) = (&job.workflow_id, &job.step_id, &job.result);
     let Some((_, step)) = db::run_and_step(tx.conn(), workflow_id, step_id).await? else {
         return Err(Error::NotFound(format!(
             "no step {step_id:?} in workflow {workflow_id:?}"
@@ -209,4 +390,13 @@ async fn apply(tx: &mut Writer, state: &AppState, job: &ResultJob) -> Result<()>
         step.attempts,
         step.agent_id.as_deref().unwrap_or("nobody")
     )))
+}
+/// Answers every reply 503: the batch was rolled back (the cause is logged once).
+fn fail(replies: impl Iterator<Item = oneshot::Sender<Result<()>>>, error: &Error) {
+    tracing::error!(error = %error, "a batch of workflow writes was rolled back");
+    for reply in replies {
+        let _ = reply.send(Err(Error::Unavailable(
+            "the result was not recorded; retry".into(),
+        )));
+    }
 }

@@ -2,7 +2,6 @@
 //! for an attempt, on `attempts`), so a result, a timeout and another instance's timer cannot
 //! both win; the run's barrier (`steps_done`) moves in the same transaction.
 
-use serde_json::value::RawValue;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
@@ -69,14 +68,6 @@ impl StepRow {
     pub fn indexes(json: &str) -> Result<Vec<i64>> {
         serde_json::from_str(json).map_err(|e| Error::Internal(format!("step indexes: {e}")))
     }
-
-    pub fn output_raw(&self) -> Result<Option<Box<RawValue>>> {
-        self.output
-            .clone()
-            .map(RawValue::from_string)
-            .transpose()
-            .map_err(|e| Error::Internal(format!("step output: {e}")))
-    }
 }
 
 const RUN_COLUMNS: &str = "seq, workflow_id, name, description, pattern, metadata, status,
@@ -140,26 +131,34 @@ fn step_from_row(row: &SqliteRow) -> Result<StepRow> {
     })
 }
 
-pub async fn insert_run(conn: &mut SqliteConnection, run: &RunRow) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO workflow (workflow_id, name, description, pattern, metadata, status,
-                               steps_total, created_at)
-         VALUES (?, ?, ?, ?, ?, 'executing', ?, ?)",
-    )
-    .bind(&run.workflow_id)
-    .bind(&run.name)
-    .bind(&run.description)
-    .bind(&run.pattern)
-    .bind(&run.metadata)
-    .bind(run.steps_total)
-    .bind(run.created_at)
-    .execute(conn)
-    .await?;
+/// Inserts new runs, 500 a statement.
+pub async fn insert_runs(conn: &mut SqliteConnection, runs: &[&RunRow]) -> Result<()> {
+    for chunk in runs.chunks(500) {
+        let mut insert = QueryBuilder::new(
+            "INSERT INTO workflow (workflow_id, name, description, pattern, metadata, status,
+                                   steps_total, created_at) ",
+        );
+        insert.push_values(chunk, |mut row, run| {
+            row.push_bind(&run.workflow_id)
+                .push_bind(&run.name)
+                .push_bind(&run.description)
+                .push_bind(&run.pattern)
+                .push_bind(&run.metadata)
+                .push_bind("executing")
+                .push_bind(run.steps_total)
+                .push_bind(run.created_at);
+        });
+        insert
+            .build()
+            .persistent(chunk.len() == 1)
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(())
 }
 
-/// Inserts a run's steps, 500 rows a statement (14 variables a row, inside SQLite's limit).
-pub async fn insert_steps(conn: &mut SqliteConnection, steps: &[StepRow]) -> Result<()> {
+/// Inserts runs' steps, 500 rows a statement (14 variables a row, inside SQLite's limit).
+pub async fn insert_steps(conn: &mut SqliteConnection, steps: &[&StepRow]) -> Result<()> {
     for chunk in steps.chunks(500) {
         let mut insert = QueryBuilder::new(
             "INSERT INTO workflow_step (workflow_id, idx, step_id, name, agent, capability, input,
@@ -181,7 +180,7 @@ pub async fn insert_steps(conn: &mut SqliteConnection, steps: &[StepRow]) -> Res
                 .push_bind(s.deps_left)
                 .push_bind(&s.status);
         });
-        insert.build().execute(&mut *conn).await?;
+        insert.build().persistent(false).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -217,17 +216,6 @@ pub async fn list_runs(
         .fetch_all(pool)
         .await?;
     rows.iter().map(run_from_row).collect()
-}
-
-/// Every step of a run, in definition order.
-pub async fn steps(conn: impl sqlx::SqliteExecutor<'_>, workflow_id: &str) -> Result<Vec<StepRow>> {
-    let sql =
-        format!("SELECT {STEP_COLUMNS} FROM workflow_step WHERE workflow_id = ? ORDER BY idx");
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(workflow_id)
-        .fetch_all(conn)
-        .await?;
-    rows.iter().map(step_from_row).collect()
 }
 
 pub async fn step_by_idx(
@@ -302,14 +290,59 @@ pub async fn run_and_step(
         .transpose()
 }
 
-/// A run with every step (in definition order), in one query and one snapshot.
+/// What a run's view shows of a step: the columns a reader needs, no more (a result's answer
+/// reads them for every step of its run).
+#[derive(Debug)]
+pub struct StepView {
+    pub step_id: String,
+    pub name: Option<String>,
+    pub status: String,
+    pub agent_id: Option<String>,
+    pub attempts: i64,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+/// [`StepView`]'s columns, in the order [`step_view`] reads them.
+const VIEW_COLUMNS: &str = "s.step_id, s.name, s.status, s.agent_id, s.attempts, s.output,
+    s.error, s.started_at, s.finished_at, s.workflow_id";
+
+fn step_view(row: &SqliteRow) -> Result<StepView> {
+    Ok(StepView {
+        step_id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        status: row.try_get(2)?,
+        agent_id: row.try_get(3)?,
+        attempts: row.try_get(4)?,
+        output: row.try_get(5)?,
+        error: row.try_get(6)?,
+        started_at: row.try_get(7)?,
+        finished_at: row.try_get(8)?,
+    })
+}
+
+/// A run's steps as its view shows them, in definition order.
+pub async fn step_views(pool: &SqlitePool, workflow_id: &str) -> Result<Vec<StepView>> {
+    let sql = format!(
+        "SELECT {VIEW_COLUMNS} FROM workflow_step s WHERE s.workflow_id = ? ORDER BY s.idx"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(step_view).collect()
+}
+
+/// A run with every step (in definition order) as its view shows them, in one query and one
+/// snapshot.
 pub async fn run_with_steps(
     pool: &SqlitePool,
     workflow_id: &str,
-) -> Result<Option<(RunRow, Vec<StepRow>)>> {
-    let step_columns = qualified_step_columns();
+) -> Result<Option<(RunRow, Vec<StepView>)>> {
     let sql = format!(
-        "SELECT {step_columns}, {JOINED_RUN_COLUMNS}
+        "SELECT {VIEW_COLUMNS}, {JOINED_RUN_COLUMNS}
          FROM workflow_step s JOIN workflow w ON w.workflow_id = s.workflow_id
          WHERE s.workflow_id = ? ORDER BY s.idx"
     );
@@ -321,7 +354,7 @@ pub async fn run_with_steps(
         return Ok(None);
     };
     let run = joined_run(first)?;
-    let steps = rows.iter().map(step_from_row).collect::<Result<_>>()?;
+    let steps = rows.iter().map(step_view).collect::<Result<_>>()?;
     Ok(Some((run, steps)))
 }
 
@@ -462,17 +495,31 @@ pub struct Attempt<'a> {
 /// How an attempt ended, as stored.
 pub struct Ending<'a> {
     /// `succeeded`, `failed` or `timed_out`; the last two become `pending` while retries remain.
-    pub outcome: &'a str,
+    pub outcome: &'static str,
     pub output: Option<&'a str>,
     pub error: Option<&'a str>,
     /// 0-1: how much of a fifth to add to a retry's backoff.
     pub jitter: f64,
 }
 
-/// Ends an attempt of a dispatched step in one statement:
-/// `succeeded`, or on a failure or timeout `pending` again with its backoff (1 s × 2ⁿ⁻¹ plus up
-/// to a fifth, at most 60 s) while retries remain, else final. Returns the step after it; None
-/// when the step is not out under that attempt and holder (nothing written).
+/// The `SET` of an attempt's end, given the SQL of its values: `succeeded`, or on a failure or
+/// timeout `pending` again with its backoff (1 s × 2ⁿ⁻¹ plus up to a fifth, at most 60 s) while
+/// retries remain, else final.
+fn ending_set(outcome: &str, output: &str, error: &str, now: &str, jitter: &str) -> String {
+    format!(
+        "status = CASE WHEN {outcome} = 'succeeded' THEN 'succeeded'
+                       WHEN attempts <= max_retries THEN 'pending' ELSE {outcome} END,
+         output = {output}, error = {error},
+         due_at = CASE WHEN {outcome} != 'succeeded' AND attempts <= max_retries
+                       THEN {now} + MIN(60000, CAST(MIN(60000, 1000 << MIN(attempts - 1, 6))
+                                                    * (1 + {jitter} / 5.0) AS INTEGER))
+                       END,
+         finished_at = CASE WHEN {outcome} = 'succeeded' OR attempts > max_retries THEN {now} END"
+    )
+}
+
+/// Ends an attempt of a dispatched step in one statement (see [`ending_set`]). Returns the step
+/// after it; None when the step is not out under that attempt and holder (nothing written).
 pub async fn end_attempt(
     conn: &mut SqliteConnection,
     attempt: &Attempt<'_>,
@@ -483,16 +530,9 @@ pub async fn end_attempt(
         StepKey::Idx(_) => "idx = ?7",
         StepKey::Id(_) => "step_id = ?7",
     };
+    let set = ending_set("?1", "?2", "?3", "?4", "?5");
     let sql = format!(
-        "UPDATE workflow_step SET
-             status = CASE WHEN ?1 = 'succeeded' THEN 'succeeded'
-                           WHEN attempts <= max_retries THEN 'pending' ELSE ?1 END,
-             output = ?2, error = ?3,
-             due_at = CASE WHEN ?1 != 'succeeded' AND attempts <= max_retries
-                           THEN ?4 + MIN(60000, CAST(MIN(60000, 1000 << MIN(attempts - 1, 6))
-                                                     * (1 + ?5 / 5.0) AS INTEGER))
-                           END,
-             finished_at = CASE WHEN ?1 = 'succeeded' OR attempts > max_retries THEN ?4 END
+        "UPDATE workflow_step SET {set}
          WHERE workflow_id = ?6 AND {by} AND status = 'dispatched' AND attempts = ?8
            AND (?9 IS NULL OR agent_id = ?9)
          RETURNING {STEP_COLUMNS}"
@@ -514,6 +554,57 @@ pub async fn end_attempt(
         .fetch_optional(conn)
         .await?;
     row.as_ref().map(step_from_row).transpose()
+}
+
+/// Ends many attempts, each of a different step and named by step id with its holder, in one
+/// statement per 256 (see [`ending_set`]). Returns the steps that moved, in no particular
+/// order; the others were not out under that attempt and holder (nothing written for them).
+pub async fn end_attempts(
+    conn: &mut SqliteConnection,
+    ends: &[(Attempt<'_>, Ending<'_>)],
+    now: i64,
+) -> Result<Vec<StepRow>> {
+    let mut moved = Vec::with_capacity(ends.len());
+    for chunk in ends.chunks(256) {
+        let mut query = QueryBuilder::new(
+            "WITH r(r_workflow, r_step, r_attempt, r_holder, r_outcome, r_output, r_error,
+                    r_jitter, r_now) AS (",
+        );
+        query.push_values(chunk, |mut row, (attempt, ending)| {
+            let step_id = match attempt.key {
+                StepKey::Id(step_id) => step_id,
+                StepKey::Idx(_) => unreachable!("batched ends name steps by id"),
+            };
+            row.push_bind(attempt.workflow_id.to_owned())
+                .push_bind(step_id.to_owned())
+                .push_bind(attempt.number)
+                .push_bind(attempt.holder.map(str::to_owned))
+                .push_bind(ending.outcome.to_owned())
+                .push_bind(ending.output.map(str::to_owned))
+                .push_bind(ending.error.map(str::to_owned))
+                .push_bind(ending.jitter)
+                .push_bind(now);
+        });
+        let set = ending_set("r_outcome", "r_output", "r_error", "r_now", "r_jitter");
+        query.push(format!(") UPDATE workflow_step SET {set}"));
+        query.push(format!(
+            " FROM r WHERE workflow_id = r_workflow AND step_id = r_step
+               AND status = 'dispatched' AND attempts = r_attempt
+               AND (r_holder IS NULL OR agent_id = r_holder)
+             RETURNING {STEP_COLUMNS}"
+        ));
+        // One text per batch size: only the single one is kept in the statement cache.
+        let persistent = chunk.len() == 1;
+        for row in query
+            .build()
+            .persistent(persistent)
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            moved.push(step_from_row(&row)?);
+        }
+    }
+    Ok(moved)
 }
 
 /// Marks the not-yet-final steps among `idxs` (all of the run's when None) with a final `to`
@@ -562,43 +653,77 @@ pub async fn holders(
     .await?)
 }
 
-/// Counts steps that reached a final status (the run's barrier); returns the run after it.
+/// Counts steps that reached a final status (the run's barrier): `(workflow_id, done, failed)`
+/// for distinct runs, one statement per 500. Returns the runs after it, in no particular order.
 pub async fn count_done(
     conn: &mut SqliteConnection,
-    workflow_id: &str,
-    done: i64,
-    failed: i64,
-) -> Result<RunRow> {
-    let sql = format!(
-        "UPDATE workflow SET steps_done = steps_done + ?, steps_failed = steps_failed + ?
-         WHERE workflow_id = ? RETURNING {RUN_COLUMNS}"
-    );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(done)
-        .bind(failed)
-        .bind(workflow_id)
-        .fetch_one(conn)
-        .await?;
-    run_from_row(&row)
+    counts: &[(&str, i64, i64)],
+) -> Result<Vec<RunRow>> {
+    let mut runs = Vec::with_capacity(counts.len());
+    for chunk in counts.chunks(500) {
+        let mut query = QueryBuilder::new("WITH c(c_workflow, c_done, c_failed) AS (");
+        query.push_values(chunk, |mut row, (workflow_id, done, failed)| {
+            row.push_bind(workflow_id.to_string())
+                .push_bind(*done)
+                .push_bind(*failed);
+        });
+        query.push(format!(
+            ") UPDATE workflow SET steps_done = steps_done + c_done,
+                                   steps_failed = steps_failed + c_failed
+             FROM c WHERE workflow_id = c_workflow RETURNING {RUN_COLUMNS}"
+        ));
+        let persistent = chunk.len() == 1;
+        for row in query
+            .build()
+            .persistent(persistent)
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            runs.push(run_from_row(&row)?);
+        }
+    }
+    Ok(runs)
 }
 
-/// Ends an executing run; false when it had already ended.
+/// What a run's end records of its steps.
+pub struct RunEnd {
+    /// Σ (finished_at − started_at) of the steps that ran.
+    pub worked_ms: i64,
+    /// Every agent that held a step, sorted.
+    pub agents: Vec<String>,
+}
+
+/// Ends an executing run and sums up its steps, in one statement; None when it had already
+/// ended.
 pub async fn finish_run(
     conn: &mut SqliteConnection,
     workflow_id: &str,
     status: &str,
     now: i64,
-) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE workflow SET status = ?, finished_at = ?
-         WHERE workflow_id = ? AND status = 'executing'",
+) -> Result<Option<RunEnd>> {
+    let row: Option<(i64, String)> = sqlx::query_as(
+        "UPDATE workflow SET status = ?1, finished_at = ?2
+         WHERE workflow_id = ?3 AND status = 'executing'
+         RETURNING
+           (SELECT COALESCE(SUM(finished_at - started_at), 0) FROM workflow_step
+            WHERE workflow_id = ?3 AND finished_at IS NOT NULL AND started_at IS NOT NULL),
+           (SELECT json_group_array(agent_id) FROM
+              (SELECT DISTINCT agent_id FROM workflow_step
+               WHERE workflow_id = ?3 AND agent_id IS NOT NULL ORDER BY agent_id))",
     )
     .bind(status)
     .bind(now)
     .bind(workflow_id)
-    .execute(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    row.map(|(worked_ms, agents)| {
+        Ok(RunEnd {
+            worked_ms,
+            agents: serde_json::from_str(&agents)
+                .map_err(|e| Error::Internal(format!("run agents: {e}")))?,
+        })
+    })
+    .transpose()
 }
 
 /// Lowers the dependency count of `idxs`; returns those that reached zero (and are pending).

@@ -5,14 +5,15 @@
 //!   agent with the capability and the lowest `held / max_concurrent_tasks`, never one at its
 //!   limit), the attempt goes out as a `workflow.step` message; no agent free → `waiting`,
 //!   looked at again when a held step ends and by the timer;
-//! - an attempt ends ([`attempt_ended`]: a result, or the timer's timeout) → success, a retry
-//!   after backoff (1 s × 2ⁿ⁻¹ plus jitter, at most 60 s), or a final failure;
-//! - a step reaches a final status → what follows from the pattern: the next step (sequential,
-//!   with a handoff recorded between the two agents), the dependants whose dependencies have all
+//! - an attempt ends (results in batches, each batch's compare-and-sets in one statement; the
+//!   timer's timeouts through [`attempt_ended`]) → success, a retry after backoff (1 s × 2ⁿ⁻¹
+//!   plus jitter, at most 60 s), or a final failure; [`steps_ended`] takes it from there:
+//! - a step reaches a final status → the run's barrier counts it (one statement for every run
+//!   the batch touched), then what follows from the pattern: the next step (sequential, with a
+//!   handoff recorded between the two agents), the dependants whose dependencies have all
 //!   succeeded (DAG; a failure skips its dependants), the `step:<step_id>` trigger
-//!   (event-driven); the run's barrier counts it, and the last one ends the run with its
-//!   learning records (a memory, a `successful_orchestration` / `orchestration_failure` pattern,
-//!   `precedes` graph edges).
+//!   (event-driven); a run whose last step that was ends with its learning records (a memory,
+//!   a `successful_orchestration` / `orchestration_failure` pattern, `precedes` graph edges).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -404,17 +405,9 @@ async fn for_each_run(
     Ok(started)
 }
 
-/// Ends an attempt of a dispatched step: success, a retry after backoff, or a final failure —
-/// one compare-and-set with the retry decision in it, then what follows. None when the step is
-/// not out under that attempt and holder (nothing written).
-pub async fn attempt_ended(
-    tx: &mut Writer,
-    state: &AppState,
-    attempt: &db::Attempt<'_>,
-    outcome: Outcome,
-    now: i64,
-) -> Result<Option<()>> {
-    let (kind, output, error) = match &outcome {
+/// How an attempt's end is stored: the outcome, and the jitter of a retry's backoff.
+pub fn ending(outcome: &Outcome) -> db::Ending<'_> {
+    let (kind, output, error) = match outcome {
         Outcome::Succeeded(output) => ("succeeded", output.as_deref(), None),
         Outcome::Failed(error) => ("failed", None, Some(error.as_str())),
         Outcome::TimedOut => ("timed_out", None, Some("attempt timed out")),
@@ -424,86 +417,164 @@ pub async fn attempt_ended(
         Ok(()) => f64::from(u16::from_le_bytes(bytes)) / f64::from(u16::MAX),
         Err(_) => 0.0,
     };
-    let ending = db::Ending {
+    db::Ending {
         outcome: kind,
         output,
         error,
         jitter,
-    };
+    }
+}
+
+/// Ends an attempt of a dispatched step (the timer's timeouts; results end theirs in batches
+/// through [`db::end_attempts`]): success, a retry after backoff, or a final failure — one
+/// compare-and-set with the retry decision in it, then what follows ([`steps_ended`]). None
+/// when the step is not out under that attempt and holder (nothing written).
+pub async fn attempt_ended(
+    tx: &mut Writer,
+    state: &AppState,
+    attempt: &db::Attempt<'_>,
+    outcome: Outcome,
+    now: i64,
+) -> Result<Option<()>> {
+    let ending = ending(&outcome);
     let Some(step) = db::end_attempt(tx.conn(), attempt, &ending, now).await? else {
         return Ok(None);
     };
-    let retry = step.status == "pending";
-    let mut data = json!({"workflow_id": step.workflow_id, "step_id": step.step_id,
-                          "agent_id": step.agent_id, "attempt": step.attempts,
-                          "status": step.status,
-                          "duration_ms": (now - step.attempt_at.unwrap_or(now)).max(0)});
-    if let Some(error) = error {
-        data["error"] = json!(error);
-    }
-    if let (true, Some(due_at)) = (retry, step.due_at) {
-        data["retry_at"] = json!(crate::common::rfc3339(due_at));
-    }
-    let mut notice = event(
-        match kind {
-            "succeeded" => "workflow.step.succeeded",
-            "failed" => "workflow.step.failed",
-            _ => "workflow.step.timed_out",
-        },
-        data,
-    );
-    if let (Outcome::TimedOut, Some(holder)) = (&outcome, &step.agent_id) {
-        notice = notice.to_agent(holder);
-    }
-    tx.emit(notice);
-    if !retry {
-        let succeeded = step.status == "succeeded";
-        if let Some(handoff_id) = &step.handoff_id {
-            handoffs::settle_step_handoff(tx, handoff_id, succeeded).await?;
-        }
-        step_final(tx, state, &step, succeeded, now).await?;
-    }
+    steps_ended(tx, state, vec![(step, ending.outcome)], now).await?;
     Ok(Some(()))
 }
 
-/// A step reached a final status: the run's barrier counts it (and hands back the run), the run
-/// moves on by its pattern, and the last step ends it.
+/// What follows attempts that ended (each step with its outcome: `succeeded`, `failed` or
+/// `timed_out`), in order: each step's event; then for the steps that reached a final status
+/// the runs' barriers count them (one statement for all), each run moves on by its pattern,
+/// and a run whose last step that was ends.
+pub async fn steps_ended(
+    tx: &mut Writer,
+    state: &AppState,
+    ended: Vec<(StepRow, &str)>,
+    now: i64,
+) -> Result<()> {
+    let mut finals = Vec::with_capacity(ended.len());
+    for (step, outcome) in ended {
+        let retry = step.status == "pending";
+        let mut data = json!({"workflow_id": step.workflow_id, "step_id": step.step_id,
+                              "agent_id": step.agent_id, "attempt": step.attempts,
+                              "status": step.status,
+                              "duration_ms": (now - step.attempt_at.unwrap_or(now)).max(0)});
+        if outcome != "succeeded" {
+            data["error"] = json!(step.error);
+        }
+        if let (true, Some(due_at)) = (retry, step.due_at) {
+            data["retry_at"] = json!(crate::common::rfc3339(due_at));
+        }
+        let mut notice = event(
+            match outcome {
+                "succeeded" => "workflow.step.succeeded",
+                "failed" => "workflow.step.failed",
+                _ => "workflow.step.timed_out",
+            },
+            data,
+        );
+        if let ("timed_out", Some(holder)) = (outcome, &step.agent_id) {
+            notice = notice.to_agent(holder);
+        }
+        tx.emit(notice);
+        if !retry {
+            if let Some(handoff_id) = &step.handoff_id {
+                handoffs::settle_step_handoff(tx, handoff_id, step.status == "succeeded").await?;
+            }
+            finals.push(step);
+        }
+    }
+    if finals.is_empty() {
+        return Ok(());
+    }
+    // The barrier, per run in order of appearance.
+    let mut order: Vec<&str> = Vec::new();
+    let mut counts: HashMap<&str, (i64, i64)> = HashMap::new();
+    for step in &finals {
+        let count = counts.entry(&step.workflow_id).or_insert_with(|| {
+            order.push(&step.workflow_id);
+            (0, 0)
+        });
+        count.0 += 1;
+        count.1 += i64::from(step.status != "succeeded");
+    }
+    let rows: Vec<(&str, i64, i64)> = order
+        .iter()
+        .map(|id| (*id, counts[id].0, counts[id].1))
+        .collect();
+    let mut runs: HashMap<String, RunRow> = db::count_done(tx.conn(), &rows)
+        .await?
+        .into_iter()
+        .map(|run| (run.workflow_id.clone(), run))
+        .collect();
+    let mut skipped: HashMap<&str, i64> = HashMap::new();
+    for step in &finals {
+        let run = runs
+            .get(&step.workflow_id)
+            .ok_or_else(|| Error::Internal(format!("no workflow {}", step.workflow_id)))?;
+        let n = step_final(tx, state, run, step, now).await?;
+        *skipped.entry(&step.workflow_id).or_default() += n;
+    }
+    // The skipped steps are final too.
+    let rows: Vec<(&str, i64, i64)> = order
+        .iter()
+        .filter_map(|id| Some((*id, skipped.get(id).copied().filter(|n| *n > 0)?, 0)))
+        .collect();
+    if !rows.is_empty() {
+        for run in db::count_done(tx.conn(), &rows).await? {
+            runs.insert(run.workflow_id.clone(), run);
+        }
+    }
+    for id in order {
+        let run = &runs[id];
+        if run.steps_done >= run.steps_total {
+            let status = if run.steps_failed > 0 {
+                "failed"
+            } else {
+                "completed"
+            };
+            run_ended(tx, run, status, now).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A step reached a final status (counted in `run`'s barrier): the run moves on by its
+/// pattern. Returns how many steps it skipped.
 async fn step_final(
     tx: &mut Writer,
     state: &AppState,
+    run: &RunRow,
     step: &StepRow,
-    succeeded: bool,
     now: i64,
-) -> Result<()> {
-    let counted = db::count_done(tx.conn(), &step.workflow_id, 1, i64::from(!succeeded)).await?;
-    let run_ref = &counted;
+) -> Result<i64> {
+    let succeeded = step.status == "succeeded";
     let mut skipped = 0;
-    match (pattern(run_ref)?, succeeded) {
+    match (pattern(run)?, succeeded) {
         (Pattern::Sequential, true) => {
-            if let Some(next) =
-                db::step_by_idx(tx.conn(), &counted.workflow_id, step.idx + 1).await?
-            {
-                dispatch(tx, state, run_ref, vec![next], now).await?;
+            if let Some(next) = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx + 1).await? {
+                dispatch(tx, state, run, vec![next], now).await?;
             }
         }
         (Pattern::Sequential, false) => {
-            let rest: Vec<i64> = (step.idx + 1..counted.steps_total).collect();
-            skipped = skip(tx, run_ref, &rest, now).await?;
+            let rest: Vec<i64> = (step.idx + 1..run.steps_total).collect();
+            skipped = skip(tx, run, &rest, now).await?;
         }
         (Pattern::Parallel, _) => {}
         (Pattern::DependencyBased, true) => {
             let dependants = StepRow::indexes(&step.dependants)?;
-            let ready = db::satisfy(tx.conn(), &counted.workflow_id, &dependants).await?;
-            let ready = db::steps_in(tx.conn(), &counted.workflow_id, &ready, "pending").await?;
-            dispatch(tx, state, run_ref, ready, now).await?;
+            let ready = db::satisfy(tx.conn(), &run.workflow_id, &dependants).await?;
+            let ready = db::steps_in(tx.conn(), &run.workflow_id, &ready, "pending").await?;
+            dispatch(tx, state, run, ready, now).await?;
         }
         (Pattern::DependencyBased, false) => {
             // Everything downstream of the failure is skipped; independent branches go on.
             let mut downstream = BTreeSet::new();
             let mut frontier = StepRow::indexes(&step.dependants)?;
             while !frontier.is_empty() {
-                let open =
-                    db::steps_in(tx.conn(), &counted.workflow_id, &frontier, "pending").await?;
+                let open = db::steps_in(tx.conn(), &run.workflow_id, &frontier, "pending").await?;
                 frontier = Vec::new();
                 for s in open {
                     if downstream.insert(s.idx) {
@@ -512,43 +583,29 @@ async fn step_final(
                 }
             }
             let downstream: Vec<i64> = downstream.into_iter().collect();
-            skipped = skip(tx, run_ref, &downstream, now).await?;
+            skipped = skip(tx, run, &downstream, now).await?;
         }
         (Pattern::EventDriven, true) => {
             // This step's completion is the event `step:<step_id>` of its own run (every step
             // of the run exists from submit, so it needs no keeping for later).
             let name = format!("step:{}", step.step_id);
-            let next = db::triggered_in_run(tx.conn(), &counted.workflow_id, &name).await?;
-            dispatch(tx, state, run_ref, next, now).await?;
+            let next = db::triggered_in_run(tx.conn(), &run.workflow_id, &name).await?;
+            dispatch(tx, state, run, next, now).await?;
         }
         (Pattern::EventDriven, false) => {
             // Steps triggered by this one's completion can never start: skipped, and theirs.
             let mut downstream = Vec::new();
             let mut names = vec![format!("step:{}", step.step_id)];
             while let Some(name) = names.pop() {
-                for s in db::triggered_in_run(tx.conn(), &counted.workflow_id, &name).await? {
+                for s in db::triggered_in_run(tx.conn(), &run.workflow_id, &name).await? {
                     names.push(format!("step:{}", s.step_id));
                     downstream.push(s.idx);
                 }
             }
-            skipped = skip(tx, run_ref, &downstream, now).await?;
+            skipped = skip(tx, run, &downstream, now).await?;
         }
     }
-    // The skipped steps are final too.
-    let run = if skipped > 0 {
-        db::count_done(tx.conn(), &counted.workflow_id, skipped, 0).await?
-    } else {
-        counted
-    };
-    if run.steps_done >= run.steps_total {
-        let status = if run.steps_failed > 0 {
-            "failed"
-        } else {
-            "completed"
-        };
-        run_ended(tx, &run, status, now).await?;
-    }
-    Ok(())
+    Ok(skipped)
 }
 
 /// Marks open steps skipped; returns how many.
@@ -588,7 +645,7 @@ pub async fn fire(
 pub async fn cancelled(tx: &mut Writer, run: &RunRow, now: i64) -> Result<()> {
     let holders = db::holders(tx.conn(), &run.workflow_id).await?;
     let closed = db::finish_open(tx.conn(), &run.workflow_id, None, "cancelled", now).await?;
-    db::count_done(tx.conn(), &run.workflow_id, closed.len() as i64, 0).await?;
+    db::count_done(tx.conn(), &[(&run.workflow_id, closed.len() as i64, 0)]).await?;
     for (step_id, agent_id) in holders {
         tx.emit(
             event(
@@ -603,22 +660,17 @@ pub async fn cancelled(tx: &mut Writer, run: &RunRow, now: i64) -> Result<()> {
 
 /// Ends a run and writes its learning records.
 async fn run_ended(tx: &mut Writer, run: &RunRow, status: &str, now: i64) -> Result<()> {
-    if !db::finish_run(tx.conn(), &run.workflow_id, status, now).await? {
+    let Some(ended) = db::finish_run(tx.conn(), &run.workflow_id, status, now).await? else {
         return Err(Error::Conflict(format!(
             "workflow {} has already ended",
             run.workflow_id
         )));
-    }
+    };
     let duration_ms = now - run.created_at;
-    let steps = db::steps(tx.conn(), &run.workflow_id).await?;
     // How much of the run's time its steps ran side by side: Σ step time / (steps × run time).
-    let worked: i64 = steps
-        .iter()
-        .filter_map(|s| Some(s.finished_at? - s.started_at?))
-        .sum();
     let efficiency = (run.pattern == "parallel" && status == "completed" && duration_ms > 0)
-        .then(|| (worked as f64 / (steps.len() as f64 * duration_ms as f64)).min(1.0));
-    let agents: BTreeSet<String> = steps.into_iter().filter_map(|s| s.agent_id).collect();
+        .then(|| (ended.worked_ms as f64 / (run.steps_total as f64 * duration_ms as f64)).min(1.0));
+    let agents = ended.agents;
     let kind = match status {
         "completed" => "workflow.completed",
         "failed" => "workflow.failed",

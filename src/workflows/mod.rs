@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::app::AppState;
 use crate::common::{Page, PageQuery, new_id, now_ms, rfc3339, validate_agent_id, validate_text};
 use crate::error::{Error, Result};
-use db::{RunRow, StepRow};
+use db::{RunRow, StepRow, StepView};
 use definition::{Limits, Pattern, WorkflowDefinition};
 
 /// Longest step error text, in bytes.
@@ -117,7 +117,7 @@ pub struct WorkflowQuery {
     pub cursor: Option<String>,
 }
 
-fn view(run: RunRow, steps: Vec<StepRow>, now: i64) -> Result<Workflow> {
+fn view(run: RunRow, steps: Vec<StepView>, now: i64) -> Result<Workflow> {
     let current_step = steps
         .iter()
         .find(|s| s.status == "dispatched" || s.status == "waiting")
@@ -126,7 +126,11 @@ fn view(run: RunRow, steps: Vec<StepRow>, now: i64) -> Result<Workflow> {
         .into_iter()
         .map(|s| {
             Ok(Step {
-                output: s.output_raw()?,
+                output: s
+                    .output
+                    .map(RawValue::from_string)
+                    .transpose()
+                    .map_err(|e| Error::Internal(format!("step output: {e}")))?,
                 step_id: s.step_id,
                 name: s.name,
                 status: s.status,
@@ -218,11 +222,7 @@ pub async fn submit(state: &AppState, def: WorkflowDefinition) -> Result<Workflo
         created_at: now,
         finished_at: None,
     };
-    let mut tx = state.store.begin().await?;
-    db::insert_run(tx.conn(), &run).await?;
-    db::insert_steps(tx.conn(), &steps).await?;
-    engine::started(&mut tx, state, &run, &def, steps, now).await?;
-    tx.commit(&state.broker).await?;
+    state.engine.start(run, steps, def).await?;
     get(state, &workflow_id).await
 }
 
@@ -254,7 +254,7 @@ pub async fn list(state: &AppState, query: WorkflowQuery) -> Result<Page<Workflo
     let now = now_ms();
     let mut rows = Vec::with_capacity(runs.len());
     for run in runs {
-        let steps = db::steps(reader, &run.workflow_id).await?;
+        let steps = db::step_views(reader, &run.workflow_id).await?;
         rows.push((run.seq, view(run, steps, now)?));
     }
     Ok(Page::from_seq_rows(rows, limit, |w| w))
@@ -282,8 +282,8 @@ pub async fn result(
         )));
     }
     state
-        .results
-        .submit(workflow_id, step_id, body, now_ms())
+        .engine
+        .result(workflow_id, step_id, body, now_ms())
         .await?;
     get(state, workflow_id).await
 }

@@ -539,6 +539,84 @@ both_brokers!(
     }
 );
 
+both_brokers!(
+    results_arriving_together_each_end_their_step_once,
+    |kind| async move {
+        // Results that arrive together are committed together: each ends its own step once, a
+        // repeat is answered 200, a result from an agent that does not hold the step 409.
+        let app = TestApp::spawn(kind).await;
+        let agents = ["r0", "r1", "r2", "r3"];
+        let steps: Vec<Value> = (0..40)
+            .map(|i| json!({"step_id": format!("s{i}"), "agent": agents[i % 4]}))
+            .collect();
+        let run = submit(
+            &app,
+            json!({"name": "burst", "pattern": "parallel", "steps": steps}),
+        )
+        .await;
+        let id = run["workflow_id"].as_str().unwrap().to_owned();
+        let mut taken = Vec::new();
+        for agent in agents {
+            let claimed = app
+                .claim(agent, json!({"limit": 100, "auto_ack": true}))
+                .await;
+            assert_eq!(claimed.len(), 10, "{agent}'s steps");
+            taken.extend(claimed.into_iter().map(|m| (agent, m["content"].clone())));
+        }
+        let by = |agent: &str| json!({"by": agent});
+        let (first, again, intruders) = tokio::join!(
+            futures_util::future::join_all(taken.iter().map(|(a, step)| answer(
+                &app,
+                a,
+                step,
+                true,
+                by(a)
+            ))),
+            futures_util::future::join_all(taken[..10].iter().map(|(a, step)| answer(
+                &app,
+                a,
+                step,
+                true,
+                by(a)
+            ))),
+            futures_util::future::join_all(taken[10..15].iter().map(|(_, step)| answer(
+                &app,
+                "intruder",
+                step,
+                true,
+                by("x")
+            ))),
+        );
+        assert!(first.iter().all(|(status, _)| *status == 200), "{first:?}");
+        assert!(again.iter().all(|(status, _)| *status == 200), "{again:?}");
+        assert!(
+            intruders.iter().all(|(status, _)| *status == 409),
+            "{intruders:?}"
+        );
+
+        let (_, done) = app.get(&format!("/v1/workflows/{id}")).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        for step in done["steps"].as_array().unwrap() {
+            assert_eq!(step["status"], "succeeded");
+            assert_eq!(step["attempts"], 1);
+            assert_eq!(step["output"], json!({"by": step["agent_id"]}));
+        }
+        let (succeeded, twice) = steps_completed_twice(&crate::harness::db_path(&app.dir)).await;
+        assert_eq!((succeeded, twice), (40, 0), "each step succeeded once");
+        // The run's learning record names every agent once.
+        let (_, memories) = app.get("/v1/memories?tag=workflow&limit=10").await;
+        let record = memories["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["metadata"]["workflow_id"] == id.as_str())
+            .expect("the run's memory");
+        assert_eq!(record["metadata"]["agents"], json!(agents));
+        assert_eq!(record["metadata"]["status"], "completed");
+        app.stop().await;
+    }
+);
+
 /// A simulated agent's turn against `base`: claims its step messages (short leases, so a message
 /// claimed before a crash comes back soon), posts each result and acks. A 409 means the step was
 /// already answered (e.g. the answer committed but the crash lost the reply): ack and move on.
