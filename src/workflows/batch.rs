@@ -1,12 +1,15 @@
 //! Group commit for the engine's hot paths: submitted runs and step results. Both queue here
 //! and one task runs a batch of them (up to [`MAX_BATCH`]) in one store transaction: the new
-//! runs are inserted with their steps (one statement for all) and their first steps dispatched; then the results of distinct steps end their
-//! attempts in one compare-and-set (a result whose step did not move is refused — 404, 409 —
-//! writing nothing) and what follows runs for all of them (the barrier, the next steps, the
-//! runs' ends); the freed slots go to waiting steps once per batch. Under light load a batch is
+//! runs are inserted with their steps (one statement for all) and their first steps
+//! dispatched; then the results of distinct steps end their attempts in one compare-and-set (a
+//! result whose step did not move is refused — 404, 409 — writing nothing) and what follows
+//! runs for all of them (the barrier, the next steps, the runs' ends); the freed slots go to
+//! waiting steps once per batch. Under light load a batch is
 //! one request and adds no wait; under load the transaction's fixed costs (begin, the events'
-//! insert, commit and its pages) are shared. A failure after anything moved rolls the whole
-//! batch back and each of its requests is answered 503 (retry: nothing was recorded).
+//! insert, commit and its pages) are shared. Each request is answered with its run as it is
+//! after the commit, read once for all the batch's requests of that run. A failure after
+//! anything moved rolls the whole batch back and each of its requests is answered 503 (retry:
+//! nothing was recorded).
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::db::{RunRow, StepRow};
 use super::definition::WorkflowDefinition;
 use super::engine::{self, Outcome};
-use super::{StepResult, db};
+use super::{StepResult, Workflow, db};
 use crate::app::AppState;
 use crate::error::{Error, Result};
 use crate::store::Writer;
@@ -24,13 +27,25 @@ use crate::store::Writer;
 /// Most requests committed together.
 pub const MAX_BATCH: usize = 256;
 
+/// Where a request's answer goes: its run as it is after the commit, or why not.
+pub struct Reply {
+    workflow_id: String,
+    tx: oneshot::Sender<Result<Workflow>>,
+}
+
+impl Reply {
+    fn send(self, answer: Result<Workflow>) {
+        let _ = self.tx.send(answer);
+    }
+}
+
 /// A validated result waiting for its commit.
 pub struct ResultJob {
     pub workflow_id: String,
     pub step_id: String,
     pub result: StepResult,
     pub now: i64,
-    pub reply: oneshot::Sender<Result<()>>,
+    pub reply: Reply,
 }
 
 /// A validated run, its rows built, waiting for its commit.
@@ -38,7 +53,7 @@ pub struct StartJob {
     pub run: RunRow,
     pub steps: Vec<StepRow>,
     pub def: WorkflowDefinition,
-    pub reply: oneshot::Sender<Result<()>>,
+    pub reply: Reply,
 }
 
 /// What the committer commits.
@@ -65,14 +80,18 @@ pub fn channel() -> (Batcher, Committer) {
 }
 
 impl Batcher {
-    /// Queues a new run and waits for its commit (its first steps dispatched).
+    /// Queues a new run and waits for its commit (its first steps dispatched); answers the run.
     pub async fn start(
         &self,
         run: RunRow,
         steps: Vec<StepRow>,
         def: WorkflowDefinition,
-    ) -> Result<()> {
-        let (reply, answer) = oneshot::channel();
+    ) -> Result<Workflow> {
+        let (tx, answer) = oneshot::channel();
+        let reply = Reply {
+            workflow_id: run.workflow_id.clone(),
+            tx,
+        };
         let job = StartJob {
             run,
             steps,
@@ -82,26 +101,33 @@ impl Batcher {
         self.send(Job::Start(Box::new(job)), answer).await
     }
 
-    /// Queues a result and waits for its commit.
+    /// Queues a result and waits for its commit; answers the run.
     pub async fn result(
         &self,
         workflow_id: &str,
         step_id: &str,
         result: StepResult,
         now: i64,
-    ) -> Result<()> {
-        let (reply, answer) = oneshot::channel();
+    ) -> Result<Workflow> {
+        let (tx, answer) = oneshot::channel();
         let job = ResultJob {
             workflow_id: workflow_id.to_owned(),
             step_id: step_id.to_owned(),
             result,
             now,
-            reply,
+            reply: Reply {
+                workflow_id: workflow_id.to_owned(),
+                tx,
+            },
         };
         self.send(Job::Result(job), answer).await
     }
 
-    async fn send(&self, job: Job, answer: oneshot::Receiver<Result<()>>) -> Result<()> {
+    async fn send(
+        &self,
+        job: Job,
+        answer: oneshot::Receiver<Result<Workflow>>,
+    ) -> Result<Workflow> {
         self.jobs
             .send(job)
             .await
@@ -175,7 +201,7 @@ async fn commit(state: &AppState, batch: Vec<Job>) {
     };
     // A requester already gone (timed out, disconnected) was not told of a run: creating it
     // now would make the client's retry a second one.
-    starts.retain(|start| !start.reply.is_closed());
+    starts.retain(|start| !start.reply.tx.is_closed());
     if let Err(e) = insert_runs(&mut tx, &starts).await {
         drop(tx);
         return fail(replies_of(starts.into_iter(), jobs), &e);
@@ -223,7 +249,7 @@ async fn commit(state: &AppState, batch: Vec<Job>) {
                 accepted.push(job.reply);
             }
             Err(e) if is_refusal(&e) => {
-                let _ = job.reply.send(Err(e));
+                job.reply.send(Err(e));
             }
             Err(e) => {
                 drop(tx);
@@ -238,9 +264,7 @@ async fn commit(state: &AppState, batch: Vec<Job>) {
         Err(e) => Err(e),
     };
     match finished {
-        Ok(()) => accepted.into_iter().for_each(|reply| {
-            let _ = reply.send(Ok(()));
-        }),
+        Ok(()) => answer(state, accepted),
         Err(e) => fail(accepted.into_iter(), &e),
     }
 }
@@ -249,7 +273,7 @@ async fn commit(state: &AppState, batch: Vec<Job>) {
 fn replies_of(
     starts: impl Iterator<Item = StartJob>,
     jobs: Vec<ResultJob>,
-) -> impl Iterator<Item = oneshot::Sender<Result<()>>> {
+) -> impl Iterator<Item = Reply> {
     starts
         .map(|j| j.reply)
         .chain(jobs.into_iter().map(|j| j.reply))
@@ -293,8 +317,7 @@ async fn apply_all(
     state: &AppState,
     jobs: Vec<ResultJob>,
     now: i64,
-) -> std::result::Result<Vec<oneshot::Sender<Result<()>>>, (Error, Vec<oneshot::Sender<Result<()>>>)>
-{
+) -> std::result::Result<Vec<Reply>, (Error, Vec<Reply>)> {
     let outcomes: Vec<Outcome> = jobs.iter().map(|j| outcome(&j.result)).collect();
     let (moved, kinds) = {
         let ends: Vec<(db::Attempt, db::Ending)> = jobs
@@ -325,7 +348,7 @@ async fn apply_all(
         match refused(tx, &job).await {
             Ok(()) => accepted.push(job.reply),
             Err(e) if is_refusal(&e) => {
-                let _ = job.reply.send(Err(e));
+                job.reply.send(Err(e));
             }
             Err(e) => {
                 accepted.push(job.reply);
@@ -391,11 +414,39 @@ async fn refused(tx: &mut Writer, job: &ResultJob) -> Result<()> {
         step.agent_id.as_deref().unwrap_or("nobody")
     )))
 }
+/// Answers the accepted requests with their runs as they are after the commit: each run read
+/// once for all its requests, beside the next batch.
+fn answer(state: &AppState, accepted: Vec<Reply>) {
+    let mut runs: HashMap<String, Vec<Reply>> = HashMap::new();
+    for reply in accepted {
+        runs.entry(reply.workflow_id.clone())
+            .or_default()
+            .push(reply);
+    }
+    let state = state.clone();
+    tokio::spawn(futures_util::future::join_all(runs.into_iter().map(
+        move |(workflow_id, replies)| {
+            let state = state.clone();
+            async move {
+                match super::get(&state, &workflow_id).await {
+                    Ok(run) => replies.into_iter().for_each(|r| r.send(Ok(run.clone()))),
+                    Err(e) => {
+                        tracing::error!(error = %e, workflow_id, "a committed run could not be read");
+                        replies.into_iter().for_each(|r| {
+                            r.send(Err(Error::Internal(format!("reading the run: {e}"))))
+                        });
+                    }
+                }
+            }
+        },
+    )));
+}
+
 /// Answers every reply 503: the batch was rolled back (the cause is logged once).
-fn fail(replies: impl Iterator<Item = oneshot::Sender<Result<()>>>, error: &Error) {
+fn fail(replies: impl Iterator<Item = Reply>, error: &Error) {
     tracing::error!(error = %error, "a batch of workflow writes was rolled back");
     for reply in replies {
-        let _ = reply.send(Err(Error::Unavailable(
+        reply.send(Err(Error::Unavailable(
             "the result was not recorded; retry".into(),
         )));
     }

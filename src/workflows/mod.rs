@@ -27,7 +27,7 @@ use definition::{Limits, Pattern, WorkflowDefinition};
 const MAX_ERROR: usize = 4096;
 
 /// A workflow run.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Workflow {
     pub workflow_id: String,
     pub name: String,
@@ -48,7 +48,7 @@ pub struct Workflow {
 }
 
 /// A step of a run.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Step {
     pub step_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -222,8 +222,7 @@ pub async fn submit(state: &AppState, def: WorkflowDefinition) -> Result<Workflo
         created_at: now,
         finished_at: None,
     };
-    state.engine.start(run, steps, def).await?;
-    get(state, &workflow_id).await
+    state.engine.start(run, steps, def).await
 }
 
 /// A run with its steps.
@@ -284,8 +283,7 @@ pub async fn result(
     state
         .engine
         .result(workflow_id, step_id, body, now_ms())
-        .await?;
-    get(state, workflow_id).await
+        .await
 }
 
 /// Cancels an executing run: open steps become `cancelled`, their holders are notified.
