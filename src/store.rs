@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::broker::Broker;
@@ -302,4 +302,14 @@ impl Drop for Writer {
             });
         }
     }
+}
+
+/// Builds a statement of `rows` rows (`VALUES (…), (…)`): its text changes with the count, so
+/// only the one-row text is kept in the connection's statement cache, where the others would
+/// push out the statements that are used all the time.
+pub fn build_rows(
+    query: &mut QueryBuilder<Sqlite>,
+    rows: usize,
+) -> sqlx::query::Query<'_, Sqlite, <Sqlite as sqlx::Database>::Arguments> {
+    query.build().persistent(rows == 1)
 }

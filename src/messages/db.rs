@@ -209,11 +209,7 @@ pub async fn claim_many(
                          correlation_id, created_at, state, delivery_count, lease_id,
                          lease_expires_at"
         ));
-        // One text per batch size: only the single one is kept in the statement cache.
-        let persistent = chunk.len() == 1;
-        for row in update
-            .build()
-            .persistent(persistent)
+        for row in crate::store::build_rows(&mut update, chunk.len())
             .fetch_all(&mut *conn)
             .await?
         {

@@ -146,6 +146,15 @@ fn is_refusal(error: &Error) -> bool {
     )
 }
 
+/// An error once a step moved: a refusal there would leave half a move, so it is none.
+fn after_a_move(error: Error) -> Error {
+    if is_refusal(&error) {
+        Error::Internal(format!("after the step moved: {error}"))
+    } else {
+        error
+    }
+}
+
 impl Committer {
     /// Commits batches until `stop` is cancelled (after the server stopped taking requests),
     /// then commits what is still queued and returns.
@@ -359,12 +368,7 @@ async fn apply_all(
     }
     match engine::steps_ended(tx, state, ended, now).await {
         Ok(()) => Ok(accepted),
-        // Past the compare-and-set a refusal would leave half a move: not a refusal.
-        Err(e) if is_refusal(&e) => Err((
-            Error::Internal(format!("after the step moved: {e}")),
-            accepted,
-        )),
-        Err(e) => Err((e, accepted)),
+        Err(e) => Err((after_a_move(e), accepted)),
     }
 }
 
@@ -373,11 +377,7 @@ async fn apply_all(
 async fn apply(tx: &mut Writer, state: &AppState, job: &ResultJob) -> Result<()> {
     let ended = engine::attempt_ended(tx, state, &attempt(job), outcome(&job.result), job.now)
         .await
-        .map_err(|e| match e {
-            // Past the compare-and-set a refusal would leave half a move: not a refusal.
-            e if is_refusal(&e) => Error::Internal(format!("after the step moved: {e}")),
-            e => e,
-        })?;
+        .map_err(after_a_move)?;
     if ended.is_some() {
         return Ok(());
     }

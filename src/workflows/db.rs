@@ -148,9 +148,7 @@ pub async fn insert_runs(conn: &mut SqliteConnection, runs: &[&RunRow]) -> Resul
                 .push_bind(run.steps_total)
                 .push_bind(run.created_at);
         });
-        insert
-            .build()
-            .persistent(chunk.len() == 1)
+        crate::store::build_rows(&mut insert, chunk.len())
             .execute(&mut *conn)
             .await?;
     }
@@ -180,7 +178,9 @@ pub async fn insert_steps(conn: &mut SqliteConnection, steps: &[&StepRow]) -> Re
                 .push_bind(s.deps_left)
                 .push_bind(&s.status);
         });
-        insert.build().persistent(false).execute(&mut *conn).await?;
+        crate::store::build_rows(&mut insert, chunk.len())
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
@@ -593,11 +593,7 @@ pub async fn end_attempts(
                AND (r_holder IS NULL OR agent_id = r_holder)
              RETURNING {STEP_COLUMNS}"
         ));
-        // One text per batch size: only the single one is kept in the statement cache.
-        let persistent = chunk.len() == 1;
-        for row in query
-            .build()
-            .persistent(persistent)
+        for row in crate::store::build_rows(&mut query, chunk.len())
             .fetch_all(&mut *conn)
             .await?
         {
@@ -672,10 +668,7 @@ pub async fn count_done(
                                    steps_failed = steps_failed + c_failed
              FROM c WHERE workflow_id = c_workflow RETURNING {RUN_COLUMNS}"
         ));
-        let persistent = chunk.len() == 1;
-        for row in query
-            .build()
-            .persistent(persistent)
+        for row in crate::store::build_rows(&mut query, chunk.len())
             .fetch_all(&mut *conn)
             .await?
         {
