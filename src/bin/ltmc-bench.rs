@@ -700,6 +700,22 @@ impl Bench {
         self.st.pending.fetch_sub(1, Relaxed);
     }
 
+    /// A claim, timed in the `claim` row; None when it failed (counted as a failure).
+    async fn claim<T: DeserializeOwned>(&self, w: Window, path: &str, body: &Value) -> Option<T> {
+        let t = Instant::now();
+        self.st.claim.begin(w.counts(t));
+        match self.post_json::<T>(path, body).await {
+            Ok(claimed) => {
+                self.st.claim.done(w.counts(t), t.elapsed());
+                Some(claimed)
+            }
+            Err(e) => {
+                self.fail("claim", e);
+                None
+            }
+        }
+    }
+
     /// A roundtrip consumer of one agent: claim, ack the batch, and again, until
     /// all that was sent is acked or the drain ends.
     async fn consume(self: Arc<Self>, w: Window, agent: String, acks: Arc<Semaphore>) {
@@ -709,18 +725,10 @@ impl Bench {
         while Instant::now() < w.end + DRAIN
             && !(self.st.producers_done.load(Relaxed) && self.st.pending.load(Relaxed) <= 0)
         {
-            let t = Instant::now();
-            self.st.claim.begin(w.counts(t));
-            let messages = match self.post_json::<Claimed>(&path, &body).await {
-                Ok(claimed) => {
-                    self.st.claim.done(w.counts(t), t.elapsed());
-                    claimed.messages
-                }
-                Err(e) => {
-                    self.fail("claim", e);
-                    Vec::new()
-                }
-            };
+            let messages = self
+                .claim::<Claimed>(w, &path, &body)
+                .await
+                .map_or_else(Vec::new, |claimed| claimed.messages);
             let n = messages.len();
             join_all(messages.into_iter().map(|m| self.ack(w, &agent, m, &acks))).await;
             // A full batch suggests more is queued: claim again at once.
@@ -922,18 +930,10 @@ impl Bench {
                 _ = timeout(WAKE_FALLBACK, self.st.wake[i].notified()) => {}
             }
             loop {
-                let t = Instant::now();
-                self.st.claim.begin(w.counts(t));
-                let messages = match self.post_json::<Delivery>(&path, &body).await {
-                    Ok(delivery) => {
-                        self.st.claim.done(w.counts(t), t.elapsed());
-                        delivery.messages
-                    }
-                    Err(e) => {
-                        self.fail("claim", e);
-                        break;
-                    }
+                let Some(delivery) = self.claim::<Delivery>(w, &path, &body).await else {
+                    break;
                 };
+                let messages = delivery.messages;
                 let n = messages.len();
                 for m in messages {
                     answers.spawn(self.clone().answer(w, i, m, results.clone()));
@@ -992,6 +992,19 @@ impl Bench {
                 }
             }
         }
+    }
+
+    /// Registers the agents and opens a stream to each; an error unless all
+    /// opened. Returns the reading tasks and the time taken to open them.
+    async fn every_stream(self: &Arc<Self>, stop: &Stop) -> Result<(JoinSet<()>, f64), String> {
+        let n = self.targets;
+        self.register(n).await?;
+        let (streams, open_secs) = self.open_streams(n, stop).await;
+        let open = self.st.open_streams.load(Relaxed);
+        if open < n {
+            return Err(format!("only {open} of {n} streams opened"));
+        }
+        Ok((streams, open_secs))
     }
 
     /// Opens streams to agents `0..n`, `--concurrency` handshakes at a time,
@@ -1135,13 +1148,8 @@ async fn messages(b: Arc<Bench>) -> Result<(), String> {
 /// `notify` and `handoff`.
 async fn notify(b: Arc<Bench>) -> Result<(), String> {
     let n = b.targets;
-    b.register(n).await?;
     let (stop, stop_rx) = watch::channel(false);
-    let (streams, open_secs) = b.open_streams(n, &stop_rx).await;
-    let open = b.st.open_streams.load(Relaxed);
-    if open < n {
-        return Err(format!("only {open} of {n} streams opened"));
-    }
+    let (streams, open_secs) = b.every_stream(&stop_rx).await?;
     let w = Window::new(b.args.duration_s);
     b.produce_all(w).await;
     while b.st.pending.load(Relaxed) > 0 && Instant::now() < w.end + DRAIN {
@@ -1223,13 +1231,8 @@ async fn operations(b: Arc<Bench>) -> Result<(), String> {
 /// `workflow`.
 async fn workflows(b: Arc<Bench>) -> Result<(), String> {
     let n = b.targets;
-    b.register(n).await?;
     let (stop, stop_rx) = watch::channel(false);
-    let (streams, open_secs) = b.open_streams(n, &stop_rx).await;
-    let open = b.st.open_streams.load(Relaxed);
-    if open < n {
-        return Err(format!("only {open} of {n} streams opened"));
-    }
+    let (streams, open_secs) = b.every_stream(&stop_rx).await?;
     let held = b.args.runs_held.unwrap_or(10_000);
     let held_secs = if held > 0 { b.hold(held).await } else { 0.0 };
     let w = Window::new(b.args.duration_s);
