@@ -1,9 +1,10 @@
 //! The README's walk-through, run as written: every `sh` block of its "A walk through with curl"
 //! section (up to the next `##` heading), read from README.md itself, in order, in one bash
-//! session against the real `ltmc` binary on a fresh database, with `localhost:8080` pointed at
-//! that server. Each `# → …` line (and the `#   …` lines continuing it) is the answer the
-//! commands before it must print; a block whose first line starts with
-//! `# not run by tests/api/readme.rs` is skipped (it needs a tool the suite cannot assume).
+//! session against the real `ltmc` binary as a reader starts it (fresh database, default
+//! settings: the in-process broker, auth off), with `localhost:8080` pointed at that server.
+//! Each `# → …` line (and the `#   …` lines continuing it) is the answer the commands before it
+//! must print; a block whose first line starts with `# not run by tests/api/readme.rs` is
+//! skipped (it needs a tool the suite cannot assume).
 //!
 //! An expected answer is JSON in which `…` stands for anything: a value, the rest of a string
 //! (`"msg_…"`), or further members or elements (`{"status":"ok",…}`, `[{…},…]`). Everything
