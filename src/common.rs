@@ -40,6 +40,18 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{:012x}{}", now_ms(), random_hex(8))
 }
 
+// The OpenAPI schema of an agent id: fields and parameters refer to it with
+// `#[schema(value_type = AgentId)]`, and [`validate_agent_id`] enforces the same rule.
+/// An agent id, chosen by the agent: 1-128 characters of `[A-Za-z0-9._:-]`.
+#[derive(ToSchema)]
+#[schema(
+    pattern = "^[A-Za-z0-9._:-]{1,128}$",
+    min_length = 1,
+    max_length = 128,
+    examples("coder-1")
+)]
+pub struct AgentId(pub String);
+
 /// Agent ids are chosen by the agent: 1-128 characters of `[A-Za-z0-9._:-]`.
 pub fn validate_agent_id(field: &str, id: &str) -> Result<()> {
     let ok = !id.is_empty()

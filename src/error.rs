@@ -201,14 +201,26 @@ impl IntoResponse for Error {
     }
 }
 
-/// A problem document as an HTTP response.
+/// The `Retry-After` of every 429 and 503, in seconds.
+pub const RETRY_AFTER_S: &str = "1";
+
+/// A problem document as an HTTP response (with `Retry-After` on a 429 or 503).
 pub fn problem_response(problem: Problem) -> Response {
     let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, axum::Json(problem)).into_response();
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
+    if matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+    ) {
+        // Over capacity or a backing service away: both pass in moments, and a client told
+        // when to come back does not hammer the server meanwhile.
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+    }
     response
 }
 
@@ -264,7 +276,8 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
-/// A JSON body that may also be absent (action endpoints accept an empty body or `{}`).
+/// A JSON body that may also be absent: an empty body or `null` is `T::default()` (action
+/// endpoints accept an empty body, `null` or `{}`).
 pub struct OptionalJson<T>(pub T);
 
 impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
@@ -280,9 +293,10 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
         if bytes.is_empty() {
             return Ok(OptionalJson(T::default()));
         }
+        // A JSON `null` is no body too, as the document declares (`X | null`, not required).
         let req = Request::from_parts(parts, axum::body::Body::from(bytes));
-        let Json(value) = Json::<T>::from_request(req, state).await?;
-        Ok(OptionalJson(value))
+        let Json(value) = Json::<Option<T>>::from_request(req, state).await?;
+        Ok(OptionalJson(value.unwrap_or_default()))
     }
 }
 

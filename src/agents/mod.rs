@@ -23,16 +23,18 @@ use db::AgentRow;
 #[serde(deny_unknown_fields)]
 pub struct NewAgent {
     /// Chosen by the agent: 1-128 characters of `[A-Za-z0-9._:-]`.
+    #[schema(value_type = crate::common::AgentId)]
     pub agent_id: String,
     /// What the agent can do (at most 64 entries of 1-128 bytes).
+    #[schema(max_items = 64)]
     pub capabilities: Vec<String>,
     /// Tasks the agent takes at once (1-10 000, default 5).
     #[serde(default = "default_max_tasks")]
-    #[schema(default = 5)]
+    #[schema(default = 5, minimum = 1, maximum = 10_000)]
     pub max_concurrent_tasks: u32,
     /// Seconds of silence before the agent goes offline (1-604 800, default 3 600).
     #[serde(default = "default_ttl")]
-    #[schema(default = 3600)]
+    #[schema(default = 3600, minimum = 1, maximum = 604_800)]
     pub ttl_s: u32,
     /// Free-form JSON object.
     #[serde(default)]

@@ -28,14 +28,17 @@ const MAX_STATE: usize = 512 << 10;
 #[serde(deny_unknown_fields)]
 pub struct NewCheckpoint {
     /// The coordination (workflow, session, round, …) this is a checkpoint of (1-128 bytes).
+    #[schema(min_length = 1, max_length = 128)]
     pub coordination_id: String,
     /// The state to restore: a JSON object of at most 512 KiB, kept and answered as sent.
     #[schema(value_type = Object)]
     pub state: Box<RawValue>,
     /// The agents taking part.
     #[serde(default)]
+    #[schema(value_type = Vec<crate::common::AgentId>, max_items = 1000)]
     pub agents: Vec<String>,
     /// The coordination's status at this point, e.g. `in_progress` (1-64 bytes).
+    #[schema(min_length = 1, max_length = 64)]
     pub status: String,
 }
 
@@ -60,6 +63,7 @@ pub struct Checkpoint {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct CheckpointQuery {
+    #[param(min_length = 1, max_length = 128)]
     pub coordination_id: String,
     pub limit: Option<u32>,
     pub cursor: Option<String>,

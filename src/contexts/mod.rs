@@ -58,10 +58,12 @@ pub enum Strategy {
 #[serde(deny_unknown_fields)]
 pub struct NewSync {
     /// 2 to 100 agents.
+    #[schema(value_type = Vec<crate::common::AgentId>, min_items = 2, max_items = 100)]
     pub agents: Vec<String>,
     #[serde(default)]
     pub strategy: Strategy,
     /// With `prefer_agent`: whose values win (one of `agents`).
+    #[schema(value_type = Option<crate::common::AgentId>)]
     pub prefer_agent: Option<String>,
 }
 

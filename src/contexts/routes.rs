@@ -60,7 +60,7 @@ pub async fn get_context(
 
 /// Replace an agent's context; with `If-Match: <version>`, 409 when it changed since.
 #[utoipa::path(put, path = "/v1/agents/{agent_id}/context", tag = "contexts",
-    params(("agent_id" = String, Path), ("If-Match" = Option<String>, Header, description = "The version read (the `ETag`), or `*`")),
+    params(("agent_id" = String, Path), ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"?[0-9]+"?)$"#, description = "The version read (the `ETag`, quoted or not), or `*`")),
     request_body = ContextWrite,
     responses((status = 200, body = Context, headers(("ETag" = String, description = "The version, quoted"))), (status = 403, body = Problem), (status = 409, body = Problem),
               (status = 413, body = Problem)))]
@@ -80,7 +80,7 @@ pub async fn replace(
 
 /// Merge into an agent's context (a null value removes the key); `If-Match` as for PUT.
 #[utoipa::path(patch, path = "/v1/agents/{agent_id}/context", tag = "contexts",
-    params(("agent_id" = String, Path), ("If-Match" = Option<String>, Header, description = "The version read (the `ETag`), or `*`")),
+    params(("agent_id" = String, Path), ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"?[0-9]+"?)$"#, description = "The version read (the `ETag`, quoted or not), or `*`")),
     request_body = ContextWrite,
     responses((status = 200, body = Context, headers(("ETag" = String, description = "The version, quoted"))), (status = 403, body = Problem), (status = 409, body = Problem),
               (status = 413, body = Problem)))]

@@ -35,15 +35,17 @@ const MAX_OBJECT: usize = 64 << 10;
 #[serde(deny_unknown_fields)]
 pub struct NewRound {
     /// 1 to 100 agents.
+    #[schema(value_type = Vec<crate::common::AgentId>, min_items = 1, max_items = 100)]
     pub agents: Vec<String>,
     /// What is asked, e.g. `tech_stack_validation` (1-128 bytes).
+    #[schema(min_length = 1, max_length = 128)]
     pub topic: String,
     #[serde(default)]
     #[schema(value_type = Object)]
     pub payload: Map<String, Value>,
     /// Milliseconds until the round times out (1-30 000, default 30 000).
     #[serde(default = "default_timeout")]
-    #[schema(default = 30000)]
+    #[schema(default = 30000, minimum = 1, maximum = 30_000)]
     pub timeout_ms: u32,
 }
 
@@ -63,6 +65,7 @@ pub struct Started {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewResponse {
+    #[schema(value_type = crate::common::AgentId)]
     pub agent_id: String,
     pub success: bool,
     #[serde(default)]
@@ -107,6 +110,7 @@ pub struct Round {
 #[into_params(parameter_in = Query)]
 pub struct RoundQuery {
     /// Wait up to this many milliseconds (0-30 000) for the round to end.
+    #[param(maximum = 30_000)]
     pub wait_ms: Option<u32>,
 }
 

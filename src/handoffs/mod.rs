@@ -35,18 +35,23 @@ const MAX_CONTEXT: usize = 256 << 10;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewHandoff {
+    #[schema(value_type = crate::common::AgentId)]
     pub from_agent: String,
+    #[schema(value_type = crate::common::AgentId)]
     pub to_agent: String,
     /// Everything the receiver needs (at most 256 KiB serialized).
     #[schema(value_type = Object)]
     pub context: Map<String, Value>,
+    #[schema(min_length = 1, max_length = 1024)]
     pub reason: Option<String>,
     /// Handoffs carrying the same session or workflow form a chain, bounded by the hop budget.
+    #[schema(min_length = 1, max_length = 128)]
     pub session_id: Option<String>,
+    #[schema(min_length = 1, max_length = 128)]
     pub workflow_id: Option<String>,
     /// Seconds the offer stays open (1-86 400, default 300).
     #[serde(default = "default_accept_timeout")]
-    #[schema(default = 300)]
+    #[schema(default = 300, minimum = 1, maximum = 86_400)]
     pub accept_timeout_s: u32,
 }
 
@@ -59,6 +64,7 @@ fn default_accept_timeout() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct Accept {
     /// The addressed agent.
+    #[schema(value_type = crate::common::AgentId)]
     pub agent_id: String,
     /// The digest the receiver computed; 409 when the stored context's differs.
     pub context_digest: Option<String>,
@@ -81,6 +87,7 @@ pub struct Complete {
 #[serde(deny_unknown_fields)]
 pub struct Reject {
     pub agent_id: Option<String>,
+    #[schema(min_length = 1, max_length = 1024)]
     pub reason: String,
 }
 

@@ -27,9 +27,11 @@ const MAX_OBJECT: usize = 64 << 10;
 #[serde(deny_unknown_fields)]
 pub struct NewMemory {
     /// Free text, 1 byte to 64 KiB; searchable with `?q=`.
+    #[schema(min_length = 1, max_length = 65_536)]
     pub content: String,
     /// At most 32 tags of 1-128 bytes.
     #[serde(default)]
+    #[schema(max_items = 32)]
     pub tags: Vec<String>,
     #[serde(default)]
     #[schema(value_type = Object)]
@@ -77,9 +79,12 @@ pub struct MemoryQuery {
 #[serde(deny_unknown_fields)]
 pub struct NewEdge {
     /// A node name, e.g. `agent:planner` (1-256 bytes).
+    #[schema(min_length = 1, max_length = 256)]
     pub source: String,
+    #[schema(min_length = 1, max_length = 256)]
     pub target: String,
     /// What links them, e.g. `hands_off_to` (1-128 bytes).
+    #[schema(min_length = 1, max_length = 128)]
     pub relationship: String,
     #[serde(default)]
     #[schema(value_type = Object)]
@@ -115,10 +120,13 @@ pub struct EdgeQuery {
 #[serde(deny_unknown_fields)]
 pub struct NewPattern {
     /// The kind of pattern, e.g. `successful_orchestration` (1-128 bytes).
+    #[schema(min_length = 1, max_length = 128)]
     pub pattern_type: String,
     /// The situation (1 byte to 64 KiB).
+    #[schema(min_length = 1, max_length = 65_536)]
     pub context: String,
     /// What was done (1 byte to 64 KiB).
+    #[schema(min_length = 1, max_length = 65_536)]
     pub solution: String,
     #[serde(default)]
     #[schema(value_type = Object)]

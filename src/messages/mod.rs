@@ -34,16 +34,20 @@ use db::MessageRow;
 #[serde(deny_unknown_fields)]
 pub struct NewMessage {
     /// The sending agent (with an agent token: must be the token's agent).
+    #[schema(value_type = crate::common::AgentId)]
     pub from: String,
     /// What kind of message this is (1-128 bytes), e.g. `task.request`.
+    #[schema(min_length = 1, max_length = 128)]
     pub message_type: String,
     /// Any JSON, at most the configured content limit (256 KiB by default) when serialized.
     #[schema(value_type = Object)]
     pub content: Box<RawValue>,
     /// 0 (lowest, default) to 9 (highest).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 9)]
     pub priority: u8,
     /// Ties related messages together (at most 256 bytes).
+    #[schema(min_length = 1, max_length = 256)]
     pub correlation_id: Option<String>,
 }
 
@@ -61,11 +65,11 @@ pub struct SendReceipt {
 pub struct ClaimRequest {
     /// How many messages at most (1-100, default 10).
     #[serde(default = "default_claim_limit")]
-    #[schema(default = 10)]
+    #[schema(default = 10, minimum = 1, maximum = 100)]
     pub limit: u32,
     /// Seconds the lease lasts before the message is delivered again (1-43 200, default 30).
     #[serde(default = "default_visibility")]
-    #[schema(default = 30)]
+    #[schema(default = 30, minimum = 1, maximum = 43_200)]
     pub visibility_timeout_s: u32,
     /// Ack the messages as they are handed out (at-most-once).
     #[serde(default)]
@@ -149,6 +153,7 @@ pub struct Nack {
     pub lease_id: String,
     /// Seconds before the message may be claimed again (0-43 200, default 0).
     #[serde(default)]
+    #[schema(maximum = 43_200)]
     pub delay_s: u32,
 }
 
@@ -158,6 +163,7 @@ pub struct Nack {
 pub struct Extend {
     pub lease_id: String,
     /// The lease now ends this many seconds from now (1-43 200).
+    #[schema(minimum = 1, maximum = 43_200)]
     pub visibility_timeout_s: u32,
 }
 

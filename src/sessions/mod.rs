@@ -29,13 +29,14 @@ const MAX_OBJECT: usize = 64 << 10;
 #[serde(deny_unknown_fields)]
 pub struct NewSession {
     /// What kind of work, e.g. `code_review` (1-128 bytes).
+    #[schema(min_length = 1, max_length = 128)]
     pub session_type: String,
     #[serde(default)]
     #[schema(value_type = Object)]
     pub context: Map<String, Value>,
     /// Seconds of idleness before the session expires (1-2 592 000, default 86 400).
     #[serde(default = "default_ttl")]
-    #[schema(default = 86400)]
+    #[schema(default = 86400, minimum = 1, maximum = 2_592_000)]
     pub ttl_s: u32,
 }
 
@@ -65,11 +66,13 @@ pub struct Session {
 #[serde(deny_unknown_fields)]
 pub struct NewActivity {
     /// e.g. `file_edited` (1-128 bytes).
+    #[schema(min_length = 1, max_length = 128)]
     pub activity_type: String,
     #[serde(default)]
     #[schema(value_type = Object)]
     pub details: Map<String, Value>,
     /// The agent that did it (with an agent token: must be that agent).
+    #[schema(value_type = Option<crate::common::AgentId>)]
     pub agent_id: Option<String>,
 }
 

@@ -42,6 +42,8 @@ const CYCLE_SHOWN: usize = 16;
 /// How the steps of a workflow are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+// `Pattern` in the document is the recorded pattern of `memory`: schema names are unique.
+#[schema(as = WorkflowPattern)]
 pub enum Pattern {
     /// One step after another, in the order given.
     Sequential,

@@ -74,6 +74,7 @@ pub struct Step {
 #[serde(deny_unknown_fields)]
 pub struct StepResult {
     /// The agent that holds the attempt.
+    #[schema(value_type = crate::common::AgentId)]
     pub agent_id: String,
     /// The attempt's number, from the `workflow.step` message.
     pub attempt: i64,
@@ -82,6 +83,7 @@ pub struct StepResult {
     #[schema(value_type = Option<Object>)]
     pub output: Option<Box<RawValue>>,
     /// Why it failed (at most 4096 bytes).
+    #[schema(min_length = 1, max_length = 4096)]
     pub error: Option<String>,
 }
 

@@ -1,6 +1,9 @@
 //! The published contract: `openapi/openapi.json` is the code's OpenAPI document, the service
 //! serves that same document at `/openapi.json`, every route the router serves is documented,
-//! and every documented operation is served.
+//! and every documented operation is served. What can be checked without Python is checked here
+//! (every response described, errors as problem documents, security per operation, the rules
+//! the server enforces stated, bodies as the server reads them); `tests/contract.sh` validates
+//! the served document as OpenAPI 3.1 and fuzzes every operation with schemathesis.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -264,5 +267,316 @@ async fn the_service_serves_the_document_and_every_documented_operation() {
             "{method} {path} is documented but the router does not serve it: {answer:?}"
         );
     }
+    app.stop().await;
+}
+
+/// Every `(code, response)` of every operation, with the operation's method and path.
+fn responses(document: &Value) -> Vec<(String, String, String, Value)> {
+    let mut all = Vec::new();
+    for (method, path) in documented(document) {
+        for (code, response) in document["paths"][&path][&method]["responses"]
+            .as_object()
+            .unwrap()
+        {
+            all.push((method.clone(), path.clone(), code.clone(), response.clone()));
+        }
+    }
+    all
+}
+
+#[test]
+fn every_response_is_described_and_every_error_is_a_problem_document() {
+    let document = document();
+    for (method, path, code, response) in responses(&document) {
+        assert!(
+            response["description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty()),
+            "{method} {path} {code}: a response needs a description (OpenAPI 3.1): {response}"
+        );
+        let status: u16 = code.parse().unwrap();
+        if status >= 400 {
+            let content = response["content"].as_object().unwrap();
+            assert_eq!(
+                content.keys().collect::<Vec<_>>(),
+                ["application/problem+json"],
+                "{method} {path} {code}: errors are problem documents"
+            );
+            assert_eq!(
+                content["application/problem+json"]["schema"]["$ref"],
+                "#/components/schemas/Problem",
+                "{method} {path} {code}"
+            );
+        }
+        if status == 429 || status == 503 {
+            assert!(
+                response["headers"]["Retry-After"].is_object(),
+                "{method} {path} {code}: documents Retry-After"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_operation_documents_the_answers_every_request_can_get() {
+    let document = document();
+    for (method, path) in documented(&document) {
+        let operation = &document["paths"][&path][&method];
+        let codes: BTreeSet<&str> = operation["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut expected = vec!["503"];
+        if operation["requestBody"].is_object() {
+            expected.extend(["400", "413", "415", "422"]);
+        }
+        if operation["parameters"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+        {
+            expected.push("422");
+        }
+        if codes.contains("101") {
+            expected.push("400"); // a plain GET on a stream
+        }
+        for code in expected {
+            assert!(
+                codes.contains(code),
+                "{method} {path} does not document {code}"
+            );
+        }
+    }
+}
+
+#[test]
+fn public_paths_declare_no_security_and_every_other_operation_bearer() {
+    let document = document();
+    assert!(
+        document.get("security").is_none(),
+        "security is declared per operation, not for the whole document"
+    );
+    assert!(document["components"]["securitySchemes"]["bearer"].is_object());
+    for (method, path) in documented(&document) {
+        let operation = &document["paths"][&path][&method];
+        let public = ltmc::openapi::PUBLIC.contains(&path.as_str());
+        let expected = if public {
+            serde_json::json!([])
+        } else {
+            serde_json::json!([{"bearer": []}])
+        };
+        assert_eq!(operation["security"], expected, "{method} {path}");
+        let codes = operation["responses"].as_object().unwrap();
+        let streams = codes.contains_key("101");
+        assert_eq!(
+            codes.contains_key("401") && codes.contains_key("403"),
+            !public && !streams,
+            "{method} {path}: 401 and 403 where a token is needed (streams close with 4401/4403)"
+        );
+    }
+    for public in ltmc::openapi::PUBLIC {
+        assert!(document["paths"][public].is_object(), "{public} is a path");
+    }
+}
+
+#[test]
+fn agent_ids_page_sizes_and_waits_state_the_rules_the_server_enforces() {
+    let document = document();
+    let agent_id = &document["components"]["schemas"]["AgentId"];
+    assert_eq!(agent_id["pattern"], "^[A-Za-z0-9._:-]{1,128}$");
+    assert_eq!(
+        (
+            agent_id["minLength"].as_u64(),
+            agent_id["maxLength"].as_u64()
+        ),
+        (Some(1), Some(128))
+    );
+    for (method, path) in documented(&document) {
+        for parameter in document["paths"][&path][&method]["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            match (parameter["in"].as_str(), parameter["name"].as_str()) {
+                (Some("path"), Some("agent_id")) => assert_eq!(
+                    parameter["schema"]["$ref"], "#/components/schemas/AgentId",
+                    "{method} {path}"
+                ),
+                (Some("query"), Some("limit")) => assert_eq!(
+                    (
+                        &parameter["schema"]["minimum"],
+                        &parameter["schema"]["maximum"]
+                    ),
+                    (&serde_json::json!(1), &serde_json::json!(500)),
+                    "{method} {path}"
+                ),
+                _ => {}
+            }
+        }
+    }
+    let schemas = &document["components"]["schemas"];
+    let round = &schemas["NewRound"]["properties"]["agents"];
+    assert_eq!(
+        (round["minItems"].as_u64(), round["maxItems"].as_u64()),
+        (Some(1), Some(100))
+    );
+    let sync = &schemas["NewSync"]["properties"]["agents"];
+    assert_eq!(
+        (sync["minItems"].as_u64(), sync["maxItems"].as_u64()),
+        (Some(2), Some(100))
+    );
+    let priority = &schemas["NewMessage"]["properties"]["priority"];
+    assert_eq!(
+        (priority["minimum"].as_u64(), priority["maximum"].as_u64()),
+        (Some(0), Some(9))
+    );
+    let wait = document["paths"]["/v1/coordinations/{coordination_id}"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "wait_ms")
+        .unwrap();
+    assert_eq!(wait["schema"]["maximum"], 30_000);
+}
+
+/// The properties a schema declares and those it requires.
+fn shape(schema: &Value) -> (BTreeSet<String>, BTreeSet<String>) {
+    let declared = schema["properties"]
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    let required = schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    (declared, required)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_pattern_answers_the_schema_its_operation_names() {
+    let document = document();
+    let schemas = &document["components"]["schemas"];
+    let answer = &document["paths"]["/v1/patterns"]["post"]["responses"]["201"]["content"]["application/json"]
+        ["schema"]["$ref"];
+    let name = answer.as_str().unwrap().rsplit('/').next().unwrap();
+    let (declared, required) = shape(&schemas[name]);
+    assert_eq!(
+        schemas["Workflow"]["properties"]["pattern"]["$ref"],
+        "#/components/schemas/WorkflowPattern",
+        "the workflow pattern has its own name"
+    );
+
+    let app = TestApp::spawn(Kind::Memory).await;
+    let (status, pattern) = app
+        .post(
+            "/v1/patterns",
+            serde_json::json!({"pattern_type": "retry", "context": "flaky", "solution": "retry twice"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{pattern}");
+    let keys: BTreeSet<String> = pattern.as_object().unwrap().keys().cloned().collect();
+    assert!(
+        required.is_subset(&keys) && keys.is_subset(&declared),
+        "POST /v1/patterns answered {keys:?}; {name} declares {declared:?}, requires {required:?}"
+    );
+    let (_, page) = app.get("/v1/patterns?pattern_type=retry").await;
+    assert_eq!(page["items"][0], pattern);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_body_is_no_body_where_the_document_says_so() {
+    let document = document();
+    for (path, schema) in [
+        ("/v1/agents/{agent_id}/messages/claim", "ClaimRequest"),
+        ("/v1/agents/{agent_id}/heartbeat", "Heartbeat"),
+        ("/v1/handoffs/{handoff_id}/complete", "Complete"),
+    ] {
+        let body = &document["paths"][path]["post"]["requestBody"];
+        assert_ne!(body["required"], true, "{path}: the body is optional");
+        let one_of = &body["content"]["application/json"]["schema"]["oneOf"];
+        assert!(
+            one_of
+                .as_array()
+                .is_some_and(|o| o.contains(&serde_json::json!({"type": "null"}))
+                    && o.contains(
+                        &serde_json::json!({"$ref": format!("#/components/schemas/{schema}")})
+                    )),
+            "{path}: {schema} | null, got {one_of}"
+        );
+    }
+
+    let app = TestApp::spawn(Kind::Memory).await;
+    app.register("planner", &["plan"]).await;
+    app.register("coder", &["code"]).await;
+    app.send("coder", "planner", serde_json::json!({"n": 1}), 0)
+        .await;
+    let (status, claimed) = app
+        .post("/v1/agents/coder/messages/claim", Value::Null)
+        .await;
+    assert_eq!(status, 200, "claim with null: {claimed}");
+    assert_eq!(claimed["messages"].as_array().unwrap().len(), 1);
+    let (status, agent) = app.post("/v1/agents/coder/heartbeat", Value::Null).await;
+    assert_eq!(
+        (status, &agent["agent_id"]),
+        (200, &serde_json::json!("coder")),
+        "{agent}"
+    );
+
+    let (status, handoff) = app
+        .post(
+            "/v1/handoffs",
+            serde_json::json!({"from_agent": "planner", "to_agent": "coder", "context": {"task": "x"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{handoff}");
+    let id = handoff["handoff_id"].as_str().unwrap();
+    let (status, accepted) = app
+        .post(
+            &format!("/v1/handoffs/{id}/accept"),
+            serde_json::json!({"agent_id": "coder"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{accepted}");
+    let (status, completed) = app
+        .post(&format!("/v1/handoffs/{id}/complete"), Value::Null)
+        .await;
+    assert_eq!(
+        (status, &completed["status"]),
+        (200, &serde_json::json!("completed")),
+        "{completed}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_capacity_answers_429_with_retry_after() {
+    let app = TestApp::spawn_with(
+        crate::harness::Options::new(Kind::Memory)
+            .configure(|config| config.limits.max_queued_per_agent = 1),
+    )
+    .await;
+    app.send("coder", "planner", serde_json::json!({"n": 1}), 0)
+        .await;
+    let response = app
+        .client
+        .post(app.url("/v1/agents/coder/messages"))
+        .json(&serde_json::json!({"from": "planner", "message_type": "t", "content": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert_eq!(
+        response.headers()["retry-after"],
+        ltmc::error::RETRY_AFTER_S,
+        "a 429 says when to retry"
+    );
     app.stop().await;
 }
