@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::events::hub::Hub;
 use crate::events::stream::StreamSlots;
 use crate::ops::metrics::Metrics;
+use crate::server;
 use crate::store::Store;
 use crate::{
     agents, background, checkpoints, contexts, coordinations, events, handoffs, memory, messages,
@@ -163,12 +164,10 @@ impl App {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Internal(e.to_string()))?;
-        tracing::info!(%addr, broker = state.broker.name(), auth = state.config.auth_enabled(), "ltmc serving");
+        let settings = connection_settings(&state.config);
+        tracing::info!(%addr, broker = state.broker.name(), auth = state.config.auth_enabled(), max_connections = settings.max_connections, "ltmc serving");
         let router = router(state.clone());
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-            .map_err(|e| Error::Internal(format!("server: {e}")));
+        server::serve(listener, router, settings, shutdown).await;
         // Whatever ended the server, the rest still stops in order.
         state.shutdown.cancel();
         stop_committing.cancel();
@@ -184,10 +183,47 @@ impl App {
         if let Err(e) = publishing.await {
             tracing::error!(error = %e, "the publisher failed");
         }
-        served?;
         state.store.close().await;
         tracing::info!("ltmc stopped");
         Ok(())
+    }
+}
+
+/// The server's connection bounds, the cap fitted under the file-descriptor limit (raised to
+/// the hard limit first).
+fn connection_settings(config: &Config) -> server::Settings {
+    let configured = config.limits.max_connections;
+    #[cfg(unix)]
+    let max_connections = match server::raise_fd_limit() {
+        Ok(fd) => {
+            tracing::info!(
+                soft_before = fd.before,
+                soft = fd.soft,
+                hard = fd.hard,
+                "file-descriptor limit"
+            );
+            let cap = server::connection_cap(configured, fd.soft);
+            if cap < configured as usize {
+                tracing::warn!(
+                    configured,
+                    cap,
+                    fd_limit = fd.soft,
+                    "--max-connections / LTMC_MAX_CONNECTIONS lowered to fit the file-descriptor \
+                     limit (raise the hard limit, e.g. LimitNOFILE= or ulimit -Hn)"
+                );
+            }
+            cap
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file-descriptor limit");
+            configured as usize
+        }
+    };
+    #[cfg(not(unix))]
+    let max_connections = configured as usize;
+    server::Settings {
+        header_timeout: Duration::from_millis(config.limits.header_timeout_ms.into()),
+        max_connections,
     }
 }
 
@@ -252,6 +288,11 @@ pub fn router(state: AppState) -> Router {
                 conflicts: None,
             })
         })
+        // Before every handler (and so before auth), inside the request id and the trace.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::origin::guard,
+        ))
         .layer(DefaultBodyLimit::max(
             state.config.limits.max_body_bytes as usize,
         ))

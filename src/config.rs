@@ -69,6 +69,17 @@ pub struct Config {
     #[arg(long, env = "LTMC_INSECURE_NO_AUTH", global = true)]
     pub insecure_no_auth: bool,
 
+    /// Host names served besides loopback names and IP addresses (DNS-rebinding protection),
+    /// comma-separated: the public name behind a proxy, `*.example.com` for its subdomains,
+    /// `*` for any. Ports are ignored.
+    #[arg(long, env = "LTMC_ALLOWED_HOSTS", value_delimiter = ',', value_parser = parse_allowed_host, global = true)]
+    pub allowed_hosts: Vec<String>,
+
+    /// Origins (`scheme://host[:port]`) whose pages may open WebSocket streams besides the
+    /// server's own, comma-separated; `*` for any.
+    #[arg(long, env = "LTMC_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_allowed_origin, global = true)]
+    pub allowed_origins: Vec<String>,
+
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info,ltmc=debug`.
     #[arg(long, env = "LTMC_LOG", default_value = "info", value_parser = parse_log_filter, global = true)]
     pub log: String,
@@ -158,6 +169,18 @@ pub struct Limits {
     #[arg(long, env = "LTMC_REQUEST_TIMEOUT_S", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..=3600), global = true)]
     pub request_timeout_s: u32,
+
+    /// Milliseconds a connection may take to send a request's head (request line and headers);
+    /// also how long an idle keep-alive connection waits for its next request. Then it is closed.
+    #[arg(long, env = "LTMC_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(100..=600_000), global = true)]
+    pub header_timeout_ms: u32,
+
+    /// Open connections at most, WebSocket streams included (lowered at start to fit the
+    /// file-descriptor limit). At the cap the connection waiting longest for a request is closed.
+    #[arg(long, env = "LTMC_MAX_CONNECTIONS", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000), global = true)]
+    pub max_connections: u32,
 
     /// Event log retention in hours (the newest 1000 events are always kept).
     #[arg(long, env = "LTMC_EVENT_RETENTION_H", default_value_t = 24,
@@ -279,6 +302,34 @@ fn parse_token(value: &str) -> Result<String, String> {
         return Err("tokens must be printable ASCII without spaces".into());
     }
     Ok(value.to_owned())
+}
+
+/// A host name (its port dropped), `*.name` or `*`; an empty entry (an empty variable) is no entry.
+fn parse_allowed_host(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value
+        .chars()
+        .any(|c| c.is_whitespace() || c == '/' || c == '@')
+    {
+        return Err("expected host names (no scheme, no path), `*.name` or `*`".into());
+    }
+    if value == "*" {
+        return Ok(value.to_owned());
+    }
+    Ok(crate::origin::host_name(value))
+}
+
+/// An origin, `scheme://host[:port]` with an http(s) scheme, or `*`.
+fn parse_allowed_origin(value: &str) -> Result<String, String> {
+    let value = value.trim().trim_end_matches('/').to_ascii_lowercase();
+    let authority = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"));
+    match authority {
+        _ if value == "*" || value.is_empty() => Ok(value),
+        Some(a) if !a.is_empty() && !a.contains(['/', ' ', '@']) => Ok(value),
+        _ => Err("expected origins like https://dash.example.com[:port], or `*`".into()),
+    }
 }
 
 fn parse_log_filter(value: &str) -> Result<String, String> {

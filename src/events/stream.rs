@@ -10,6 +10,14 @@
 //! Close codes: 4401 bad or missing credentials, 4403 not allowed, 4008 slow consumer, 1012 the
 //! server is restarting, 1008 the client stopped answering pings, 1009 a client frame over
 //! 64 KiB. All but 4401/4403 are reconnectable with `?since=`.
+//!
+//! A client that stops reading is a slow consumer (4008) once its hub buffer overflows, once a
+//! frame cannot leave within [`SEND_TIMEOUT`], or once a ping stays unanswered for a whole
+//! interval while frames were sent to it; 1008 is for a quiet stream whose pings go unanswered
+//! (a dead peer). The close frame queues behind what the client has not read: it is written
+//! within [`SEND_TIMEOUT`] or never, so a client that reads nothing for that long sees the
+//! buffered frames and then the connection ending without a close frame (1006 in browsers),
+//! which it should treat like 4008.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -39,6 +47,8 @@ const MAX_CLIENT_FRAME: usize = 64 << 10;
 const CATCH_UP_PAGE: i64 = 500;
 /// How long one frame may take to leave before the peer counts as stuck.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The reason sent with 4008.
+const SLOW_CONSUMER: &str = "slow consumer";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -342,6 +352,9 @@ async fn serve(
         let period = Duration::from_secs(state.config.limits.ping_interval_s.into());
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut awaiting_pong = false;
+        // Frames sent since the last ping: unanswered by the next tick, they mean a client that
+        // stopped reading (4008, told while its buffers still have room), not a dead one (1008).
+        let mut sent_since_ping = false;
         loop {
             tokio::select! {
                 _ = state.shutdown.cancelled() => return Err(End::Close(1012, "server restarting; reconnect with since")),
@@ -350,17 +363,26 @@ async fn serve(
                         if seq > last_seq {
                             send(&mut socket, text.to_string()).await?;
                             last_seq = seq;
+                            sent_since_ping = true;
                         }
                     }
-                    Some(Delivery::Resync) => last_seq = catch_up(&state, &mut socket, &interest, last_seq).await?,
-                    None if subscription.overflowed() => return Err(End::Close(4008, "slow consumer")),
+                    Some(Delivery::Resync) => {
+                        let caught_up = catch_up(&state, &mut socket, &interest, last_seq).await?;
+                        sent_since_ping |= caught_up > last_seq;
+                        last_seq = caught_up;
+                    }
+                    None if subscription.overflowed() => return Err(End::Close(4008, SLOW_CONSUMER)),
                     None => return Err(End::Close(1011, "stream ended")),
                 },
                 _ = ping.tick() => {
+                    if awaiting_pong && sent_since_ping {
+                        return Err(End::Close(4008, SLOW_CONSUMER));
+                    }
                     if awaiting_pong {
                         return Err(End::Close(1008, "no pong"));
                     }
                     awaiting_pong = true;
+                    sent_since_ping = false;
                     timed_send(&mut socket, Message::Ping(Default::default())).await?;
                 },
                 incoming = socket.recv() => match incoming {
@@ -380,11 +402,18 @@ async fn serve(
     };
     state.metrics.stream_closes.with_label_values(&[why]).inc();
     if let Err(End::Close(code, reason)) = end {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            socket.send(close_frame(code, reason)),
-        )
-        .await;
+        // A bounded write: a slow consumer's close frame waits behind what it has not read yet,
+        // so it gets as long as one frame may take; at shutdown, a second.
+        let bound = if code == 4008 {
+            SEND_TIMEOUT
+        } else {
+            Duration::from_secs(1)
+        };
+        let close = tokio::time::timeout(bound, socket.send(close_frame(code, reason)));
+        tokio::select! {
+            _ = close => {}
+            _ = state.shutdown.cancelled(), if code == 4008 => {}
+        }
     }
 }
 
@@ -416,7 +445,7 @@ async fn timed_send(socket: &mut WebSocket, message: Message) -> Result<(), End>
     match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(End::Gone),
-        Err(_) => Err(End::Close(4008, "slow consumer")),
+        Err(_) => Err(End::Close(4008, SLOW_CONSUMER)),
     }
 }
 

@@ -451,7 +451,34 @@ pub struct Process {
 impl Process {
     /// Starts `ltmc serve` over `db` with extra args; waits for its "serving" log line.
     pub async fn start(db: &Path, extra: &[&str]) -> Process {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ltmc"))
+        let command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ltmc"));
+        Self::launch(command, db, extra).await.0
+    }
+
+    /// Like [`Process::start`], under a file-descriptor limit of `soft`:`hard` set by the shell
+    /// that execs it (the test process keeps its own); also returns the JSON log lines written
+    /// before "serving".
+    pub async fn start_with_fd_limit(
+        db: &Path,
+        extra: &[&str],
+        soft: u32,
+        hard: u32,
+    ) -> (Process, Vec<Value>) {
+        let mut command = tokio::process::Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_ltmc"),
+        ]);
+        Self::launch(command, db, extra).await
+    }
+
+    async fn launch(
+        mut command: tokio::process::Command,
+        db: &Path,
+        extra: &[&str],
+    ) -> (Process, Vec<Value>) {
+        let mut child = command
             .args([
                 "--bind",
                 "127.0.0.1:0",
@@ -467,6 +494,7 @@ impl Process {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut startup = Vec::new();
         let addr = loop {
             let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
                 .await
@@ -479,10 +507,11 @@ impl Process {
             if json["fields"]["message"] == "ltmc serving" {
                 break json["fields"]["addr"].as_str().unwrap().parse().unwrap();
             }
+            startup.push(json);
         };
         // Keep draining stderr so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Process { child, addr }
+        (Process { child, addr }, startup)
     }
 }
 

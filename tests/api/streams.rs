@@ -456,6 +456,42 @@ both_brokers!(
     }
 );
 
+both_brokers!(
+    a_consumer_that_stops_reading_is_told_4008_and_a_silent_one_1008,
+    |kind| async move {
+        let app =
+            TestApp::spawn_with(Options::new(kind).configure(|c| c.limits.ping_interval_s = 1))
+                .await;
+        // Both stop reading (and so answering pings) right after the handshake; notifications
+        // keep coming for `reader`, none for `quiet`.
+        let mut reader = app.ws("/v1/agents/reader/stream", &[]).await.unwrap();
+        let mut quiet = app.ws("/v1/agents/quiet/stream", &[]).await.unwrap();
+        let mut sent = Vec::new();
+        for i in 0..15 {
+            sent.push(app.send("reader", "boss", json!(i), 0).await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Reading again: the notifications sent before the close, in order, then 4008 (not
+        // 1008 "no pong").
+        let mut received = Vec::new();
+        let close = loop {
+            match reader.next(Duration::from_secs(5)).await {
+                Next::Frame(frame) => received.push(message_id(&frame).to_owned()),
+                Next::Closed(close) => break close.map(|c| u16::from(c.code)),
+                Next::Timeout => panic!("the stream was not closed"),
+            }
+        };
+        assert!(
+            !received.is_empty() && sent.starts_with(&received),
+            "{received:?}"
+        );
+        assert_eq!(close, Some(4008));
+        // A stream with nothing to read that stops answering pings is a dead peer: 1008.
+        assert_eq!(quiet.close_code().await, Some(1008));
+        app.stop().await;
+    }
+);
+
 /// Two instances over one database and one Redis: a notification reaches the stream wherever
 /// the client is connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
