@@ -28,11 +28,11 @@ use crate::error::Error;
 
 /// The middleware: refuses a foreign Host or a foreign WebSocket Origin.
 pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // A Host that is not text matches nothing (U+FFFD is no name), so it is refused.
     let host = request
         .headers()
         .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned())
         .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()));
     if let Err(e) = check(&state.config, host.as_deref(), request.headers()) {
         return e.into_response();

@@ -44,6 +44,8 @@ async fn slow_and_idle_connections_are_closed_after_the_header_timeout() {
         Options::new(Kind::Memory).configure(|c| c.limits.header_timeout_ms = 1000),
     )
     .await;
+    // Upgraded, a stream is no longer HTTP: the header timeout does not apply to it.
+    let mut stream = app.ws("/v1/events/stream", &[]).await.unwrap();
 
     // One header line, then nothing.
     let opened = Instant::now();
@@ -80,6 +82,9 @@ async fn slow_and_idle_connections_are_closed_after_the_header_timeout() {
     for ms in [slow_ms, idle_ms, silent_ms] {
         assert!(ms >= 900, "closed before the timeout: {ms} ms");
     }
+    // Seconds later, the stream still receives.
+    app.register("timeout-watcher", &[]).await;
+    assert_eq!(stream.frame().await["type"], "agent.registered");
     app.stop().await;
 }
 
