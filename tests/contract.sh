@@ -123,7 +123,9 @@ fi
 # fuzz NAME URL PHASES [schemathesis flags…]: one schemathesis run; its output and NDJSON report
 # land in $REPORTS/NAME.*. Every case of an operation runs even after one fails, so the counts are
 # whole. One worker: hypothesis's lambda descriptions can trip CPython 3.11's AST parser when
-# drawn from two threads at once ("AST constructor recursion depth mismatch").
+# drawn from two threads at once ("AST constructor recursion depth mismatch"). The request timeout
+# outlasts the longest documented long poll (`GET /v1/coordinations/{id}?wait_ms=30000`), as
+# schemathesis reuses ids from earlier answers and so may wait on a real, open round.
 fuzz() {
   local name=$1 url=$2 phases=$3
   shift 3
@@ -131,7 +133,7 @@ fuzz() {
   # From the scratch directory: schemathesis keeps a cache (`.schemathesis/`) where it runs.
   if ! (cd "$WORK" && "$VENV/bin/schemathesis" run "$url/openapi.json" \
       --checks "$CHECKS" --phases "$phases" --max-examples "$EXAMPLES" \
-      --seed "$SEED" --workers 1 --request-timeout 20 --no-shrink --suppress-health-check all \
+      --seed "$SEED" --workers 1 --request-timeout 35 --no-shrink --suppress-health-check all \
       --continue-on-failure --warnings off --output-truncate true \
       --report ndjson --report-ndjson-path "$REPORTS/$name.ndjson" "$@" >"$REPORTS/$name.out" 2>&1); then
     tail -n 80 "$REPORTS/$name.out" >&2

@@ -82,10 +82,12 @@ impl Pattern {
 #[serde(deny_unknown_fields)]
 pub struct WorkflowDefinition {
     /// 1-256 bytes.
+    #[schema(min_length = 1, max_length = 256)]
     pub name: String,
     pub description: Option<String>,
     pub pattern: Pattern,
     /// 1 to 10 000 steps (the configured maximum).
+    #[schema(min_items = 1, max_items = 10_000)]
     pub steps: Vec<StepDef>,
     /// Free-form JSON object.
     #[serde(default)]
@@ -98,11 +100,14 @@ pub struct WorkflowDefinition {
 #[serde(deny_unknown_fields)]
 pub struct StepDef {
     /// Unique within the workflow: 1-128 characters of `[A-Za-z0-9._:-]`.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     pub step_id: String,
     pub name: Option<String>,
     /// The agent that runs the step.
+    #[schema(value_type = Option<crate::common::AgentId>)]
     pub agent: Option<String>,
     /// Or a capability (1-128 bytes): the least-loaded available agent that has it runs the step.
+    #[schema(min_length = 1, max_length = 128)]
     pub capability: Option<String>,
     /// Handed to the agent (at most 256 KiB serialized, the configured maximum).
     #[serde(default)]
@@ -112,14 +117,15 @@ pub struct StepDef {
     #[serde(default)]
     pub depends_on: Vec<String>,
     /// `event_driven` only, and required there: the event name (1-256 bytes) that starts the step.
+    #[schema(min_length = 1, max_length = 256)]
     pub trigger: Option<String>,
     /// Milliseconds an attempt may take (1-3 600 000, default 30 000).
     #[serde(default = "default_timeout_ms")]
-    #[schema(default = 30000)]
+    #[schema(default = 30000, minimum = 1, maximum = 3_600_000)]
     pub timeout_ms: u64,
     /// Attempts after the first (0-100, default 0).
     #[serde(default)]
-    #[schema(default = 0)]
+    #[schema(default = 0, maximum = 100)]
     pub max_retries: u32,
 }
 
