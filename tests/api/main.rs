@@ -5,6 +5,7 @@ mod harness;
 
 mod agents;
 mod auth;
+mod bounds;
 mod checkpoints;
 mod contexts;
 mod coordinations;
@@ -15,6 +16,7 @@ mod inputs;
 mod memory;
 mod messages;
 mod metrics;
+mod mistakes;
 mod openapi;
 mod sessions;
 mod streams;
