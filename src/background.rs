@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::app::AppState;
 use crate::common::now_ms;
+use crate::error::Error;
 use crate::{agents, coordinations, events, handoffs, messages, sessions, workflows};
 
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
@@ -31,8 +32,8 @@ pub async fn run(state: AppState) {
     }
 }
 
-/// One tick: lease reaper, WAL checkpoint, handoff, session, round and presence expiry. Failures are logged; the next
-/// tick retries.
+/// One tick: lease reaper, WAL checkpoint, handoff, session, round and presence expiry. Failures
+/// are logged ([`failed`]); the next tick retries.
 pub async fn tick(state: &AppState, now: i64) {
     match messages::reap_tick(state, now).await {
         Ok(r) if r.redelivered + r.dead_lettered > 0 => {
@@ -43,48 +44,57 @@ pub async fn tick(state: &AppState, now: i64) {
             );
         }
         Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "lease reaper failed"),
+        Err(e) => failed(&e, "lease reaper failed"),
     }
     state.broker.purge_cache(now);
     if let Err(e) = state.store.checkpoint().await {
-        tracing::warn!(error = %e, "WAL checkpoint failed");
+        failed(&e, "WAL checkpoint failed");
     }
     match handoffs::expire_tick(state, now).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(expired = n, "handoff offers expired"),
-        Err(e) => tracing::warn!(error = %e, "handoff expiry failed"),
+        Err(e) => failed(&e, "handoff expiry failed"),
     }
     match sessions::expire_tick(state, now).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(expired = n, "idle sessions expired"),
-        Err(e) => tracing::warn!(error = %e, "session expiry failed"),
+        Err(e) => failed(&e, "session expiry failed"),
     }
     match coordinations::expire_tick(state, now).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(timed_out = n, "coordination rounds timed out"),
-        Err(e) => tracing::warn!(error = %e, "coordination deadlines failed"),
+        Err(e) => failed(&e, "coordination deadlines failed"),
     }
     match workflows::tick(state, now).await {
         Ok(0) => {}
         Ok(n) => tracing::debug!(moved = n, "workflow steps moved by the timer"),
-        Err(e) => tracing::warn!(error = %e, "workflow timers failed"),
+        Err(e) => failed(&e, "workflow timers failed"),
     }
     match agents::expire_tick(state, now).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(expired = n, "agents went offline"),
-        Err(e) => tracing::warn!(error = %e, "presence expiry failed"),
+        Err(e) => failed(&e, "presence expiry failed"),
     }
 }
 
 /// Pruning by retention.
 pub async fn housekeeping(state: &AppState, now: i64) {
     if let Err(e) = events::prune_tick(state, now).await {
-        tracing::warn!(error = %e, "event log pruning failed");
+        failed(&e, "event log pruning failed");
     }
     if let Err(e) = messages::prune_tick(state, now).await {
-        tracing::warn!(error = %e, "message pruning failed");
+        failed(&e, "message pruning failed");
     }
     if let Err(e) = workflows::prune_tick(state, now).await {
-        tracing::warn!(error = %e, "trigger event pruning failed");
+        failed(&e, "trigger event pruning failed");
+    }
+}
+
+/// Logs a failed step. A broker outage fails every tick until it ends: the broker logs the
+/// outage itself (once, then in summaries), so each tick's failure is only a debug line.
+fn failed(error: &Error, what: &str) {
+    match error {
+        Error::Unavailable(_) => tracing::debug!(error = %error, "{what}"),
+        _ => tracing::warn!(error = %error, "{what}"),
     }
 }

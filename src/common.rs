@@ -1,6 +1,9 @@
-//! Small things every area shares: ids, timestamps, agent-id rules, pages.
+//! Small things every area shares: ids, timestamps, the rules every id, name and stored JSON
+//! value follows, pages.
 
+use serde::de::{DeserializeOwned, Deserializer, Error as _};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{Error, Result};
@@ -75,6 +78,93 @@ pub fn validate_text(field: &str, value: &str, max: usize) -> Result<()> {
         return Err(Error::invalid(field, format!("must be 1-{max} bytes")));
     }
     Ok(())
+}
+
+/// A name: an id, a type, a tag, a topic, a capability, a search query: 1..=max bytes and no
+/// control characters. These end up in logs, SQL full-text queries, Redis keys and dashboards,
+/// where a NUL or an escape sequence breaks the consumer; free text (reasons, errors, memory
+/// content) and JSON content may hold them.
+pub fn validate_name(field: &str, value: &str, max: usize) -> Result<()> {
+    validate_text(field, value, max)?;
+    validate_printable(field, value)
+}
+
+/// No control characters (see [`validate_name`]); for list filters, which keep their own rules.
+pub fn validate_printable(field: &str, value: &str) -> Result<()> {
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// How deep a JSON value the service stores or forwards may nest (arrays and objects, the value
+/// itself counted): deeper documents break clients that parse recursively (serde_json stops at
+/// 128, many parsers sooner), so one such value in a claim would poison the whole batch.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Whether well-formed JSON text nests deeper than `limit`: one pass over the bytes, no
+/// recursion, so any depth is measured safely.
+fn nests_deeper(json: &str, limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for byte in json.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+fn too_deep() -> String {
+    format!("nests deeper than {MAX_JSON_DEPTH} levels")
+}
+
+/// `#[serde(deserialize_with = "bounded")]` for every stored JSON field of a request: the value
+/// is captured raw (which has no recursion limit), refused past [`MAX_JSON_DEPTH`] — an error
+/// serde reports with the field's path, answered 422 naming it — and only then parsed. Parsing
+/// first would refuse a value past serde_json's own limit of 128 as a malformed body (400) that
+/// names no field.
+pub fn bounded<'de, D: Deserializer<'de>, T: DeserializeOwned>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    let raw = Box::<RawValue>::deserialize(deserializer)?;
+    if nests_deeper(raw.get(), MAX_JSON_DEPTH) {
+        return Err(D::Error::custom(too_deep()));
+    }
+    serde_json::from_str(raw.get()).map_err(|e| {
+        // The position inside the captured value means nothing to the client: serde_json adds
+        // the one in the body.
+        let message = e.to_string();
+        let message = message.split(" at line ").next().unwrap_or(&message);
+        D::Error::custom(message)
+    })
+}
+
+/// [`bounded`] for a field kept as raw JSON text (no second parse).
+pub fn bounded_raw<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Box<RawValue>, D::Error> {
+    let raw = Box::<RawValue>::deserialize(deserializer)?;
+    if nests_deeper(raw.get(), MAX_JSON_DEPTH) {
+        return Err(D::Error::custom(too_deep()));
+    }
+    Ok(raw)
 }
 
 /// `?limit=&cursor=` of every list endpoint.

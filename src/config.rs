@@ -200,8 +200,16 @@ impl Config {
     }
 
     /// Refuse what must not start: a non-loopback bind with auth off (unless the operator
-    /// insists), or auth without an admin token (no agent could ever register).
+    /// insists), auth without an admin token (no agent could ever register), or one value for
+    /// the admin and the read token (every dashboard holding the read token would be admin).
     pub fn check_exposure(&self) -> Result<(), String> {
+        if self.admin_token.is_some() && self.admin_token == self.read_token {
+            return Err(
+                "--admin-token / LTMC_ADMIN_TOKEN and --read-token / LTMC_READ_TOKEN: must differ \
+                 (the read token would grant admin)"
+                    .into(),
+            );
+        }
         if self.read_token.is_some() && self.admin_token.is_none() {
             return Err(
                 "--admin-token / LTMC_ADMIN_TOKEN: required when a read token is set \

@@ -33,10 +33,7 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Openapi => {
-                print!("{}", ltmc::openapi::document());
-                Ok::<(), ServeError>(())
-            }
+            Command::Openapi => print_openapi(),
             Command::Migrate => Store::migrate(cli.config.sqlite_path()).await.map_err(|e| {
                 ServeError::Config(format!(
                     "--database-url / LTMC_DATABASE_URL: cannot migrate {}: {e}",
@@ -57,6 +54,22 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints the document. A reader that stops early (`ltmc openapi | head`) is no error: print!
+/// would panic on the closed pipe (Rust ignores SIGPIPE), so write and let a broken pipe go.
+fn print_openapi() -> Result<(), ServeError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out
+        .write_all(ltmc::openapi::document().as_bytes())
+        .and_then(|()| out.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(ServeError::Failed(
+            ltmc::error::Error::Internal(format!("writing the document: {e}")),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -112,9 +125,13 @@ async fn stop_signal() {
 }
 
 fn init_tracing(config: &Config) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::new(&config.log);
+    // Colour codes only for a person at a terminal: in a file, a pipe or a log collector they
+    // are noise that breaks searching.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if config.log_format == "json" {
         builder.json().init();

@@ -40,6 +40,17 @@ pub async fn get(conn: impl sqlx::SqliteExecutor<'_>, agent_id: &str) -> Result<
     row.as_ref().map(from_row).transpose()
 }
 
+/// Those of `agent_ids` with no record, in the order given.
+pub async fn unregistered(pool: &SqlitePool, agent_ids: &[&str]) -> Result<Vec<String>> {
+    let ids = serde_json::Value::from(agent_ids).to_string();
+    Ok(sqlx::query_scalar(
+        "SELECT value FROM json_each(?) WHERE value NOT IN (SELECT agent_id FROM agent) ORDER BY key",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Inserts a new agent; `token_hash` is None with auth off.
 pub async fn insert(
     conn: &mut SqliteConnection,

@@ -2,6 +2,12 @@
 //! presence (status, last heartbeat, deadline) is in the broker only, so heartbeats never write
 //! SQL. An agent not heard from within its `ttl_s` goes `offline`: the expiry step
 //! ([`expire_tick`]) takes it out of the active set and emits `agent.expired`.
+//!
+//! Registered means a record exists, whatever the agent's presence (`available`, `busy` or
+//! `offline`): registering creates it, only `DELETE` removes it. Work addressed to an agent by
+//! name (a handoff, a coordination round, a workflow step) must name a registered one
+//! ([`require_registered`]), so a typo is a 422 at once rather than work nobody ever claims; a
+//! message may wait for an agent that registers later.
 
 pub mod db;
 pub mod routes;
@@ -13,8 +19,8 @@ use utoipa::ToSchema;
 use crate::app::AppState;
 use crate::auth::{Principal, issue_agent_token, token_hash};
 use crate::broker::Presence;
-use crate::common::{Page, now_ms, rfc3339, validate_agent_id, validate_text};
-use crate::error::{Error, Result};
+use crate::common::{Page, now_ms, rfc3339, validate_agent_id, validate_name, validate_printable};
+use crate::error::{Error, FieldError, Result};
 use crate::events::NewEvent;
 use db::AgentRow;
 
@@ -37,7 +43,7 @@ pub struct NewAgent {
     #[schema(default = 3600, minimum = 1, maximum = 604_800)]
     pub ttl_s: u32,
     /// Free-form JSON object.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
 }
@@ -135,7 +141,7 @@ fn validate(new: &NewAgent) -> Result<()> {
         return Err(Error::invalid("capabilities", "at most 64 capabilities"));
     }
     for (i, capability) in new.capabilities.iter().enumerate() {
-        validate_text(&format!("capabilities[{i}]"), capability, 128)?;
+        validate_name(&format!("capabilities[{i}]"), capability, 128)?;
     }
     if !(1..=10_000).contains(&new.max_concurrent_tasks) {
         return Err(Error::invalid("max_concurrent_tasks", "must be 1-10000"));
@@ -273,6 +279,26 @@ pub struct AgentQuery {
     pub cursor: Option<String>,
 }
 
+/// 422 naming each of `named` (field, agent id) that is not registered (see the module doc).
+/// One read of the store, outside any write transaction.
+pub async fn require_registered(state: &AppState, named: &[(String, &str)]) -> Result<()> {
+    let ids: Vec<&str> = named.iter().map(|(_, id)| *id).collect();
+    let missing = db::unregistered(state.store.reader(), &ids).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Validation(
+        named
+            .iter()
+            .filter(|(_, id)| missing.iter().any(|m| m == id))
+            .map(|(field, id)| FieldError {
+                field: field.clone(),
+                message: format!("agent {id:?} is not registered"),
+            })
+            .collect(),
+    ))
+}
+
 /// Agents by id, filtered by capability and status.
 pub async fn list(state: &AppState, query: AgentQuery) -> Result<Page<Agent>> {
     let page = crate::common::PageQuery {
@@ -284,6 +310,9 @@ pub async fn list(state: &AppState, query: AgentQuery) -> Result<Page<Agent>> {
         && !["available", "busy", "offline"].contains(&status.as_str())
     {
         return Err(Error::invalid("status", "one of available, busy, offline"));
+    }
+    if let Some(capability) = &query.capability {
+        validate_printable("capability", capability)?;
     }
     // The cursor is the last agent id of the previous page.
     if let Some(cursor) = &page.cursor {

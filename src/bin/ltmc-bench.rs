@@ -511,6 +511,11 @@ impl Bench {
     async fn register(&self, n: usize) -> Result<(), String> {
         eprintln!("registering {n} agents {}0..{}", self.prefix, n - 1);
         let ids = std::iter::once(self.sender.clone()).chain((0..n).map(|i| self.agent(i)));
+        self.register_ids(ids).await
+    }
+
+    /// Registers these agents, `--concurrency` at a time.
+    async fn register_ids(&self, ids: impl Iterator<Item = String>) -> Result<(), String> {
         let results: Vec<_> = stream::iter(ids)
             .map(|id| async move {
                 let body = json!({"agent_id": id, "capabilities": ["bench"]});
@@ -1234,6 +1239,9 @@ async fn workflows(b: Arc<Bench>) -> Result<(), String> {
     let (stop, stop_rx) = watch::channel(false);
     let (streams, open_secs) = b.every_stream(&stop_rx).await?;
     let held = b.args.runs_held.unwrap_or(10_000);
+    // A step naming an unregistered agent is refused: the idle agents exist, they never claim.
+    let idle = (0..held.div_ceil(HELD_PER_AGENT)).map(|a| format!("{}idle{a}", b.prefix));
+    b.register_ids(idle).await?;
     let held_secs = if held > 0 { b.hold(held).await } else { 0.0 };
     let w = Window::new(b.args.duration_s);
     let results = Arc::new(Semaphore::new(b.args.concurrency));

@@ -17,11 +17,14 @@
 //!   stream re-reads the event log, so no gap survives an outage.
 //!
 //! Commands share one multiplexed connection made by a deadpool-redis pool, with short timeouts:
-//! while Redis is down, calls fail fast with 503 instead of hanging requests.
+//! while Redis is down, calls fail fast with 503 instead of hanging requests. An outage is logged
+//! once when it starts, then summarised at growing intervals, and once when Redis answers again
+//! ([`OutageLog`]): every request and tick fails while it lasts, and a line per failure would bury
+//! everything else.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_redis::redis;
 use deadpool_redis::redis::aio::MultiplexedConnection;
@@ -43,6 +46,75 @@ const PUBLISH_QUEUE: usize = 1 << 16;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the subscription connection proves it is alive.
 const SUBSCRIPTION_PING: Duration = Duration::from_secs(5);
+/// The first summary of an outage comes this long after its first failure; each next one twice as
+/// long after the previous, at most [`OUTAGE_REPORT_MAX`].
+const OUTAGE_REPORT_FIRST: Duration = Duration::from_secs(1);
+const OUTAGE_REPORT_MAX: Duration = Duration::from_secs(60);
+
+/// Logs Redis failures by outage rather than by call: the first failure at once, then how many
+/// failed since, at 1 s, 2 s, 4 s … (at most a minute apart), and one line when a call succeeds
+/// again.
+#[derive(Default)]
+struct OutageLog {
+    /// Set while an outage lasts, so a success costs one atomic load.
+    failing: AtomicBool,
+    outage: Mutex<Option<Outage>>,
+}
+
+struct Outage {
+    since: Instant,
+    failures: u64,
+    unreported: u64,
+    interval: Duration,
+    next_report: Instant,
+}
+
+impl OutageLog {
+    fn failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        let mut outage = self.outage.lock().expect("outage lock");
+        let Some(o) = outage.as_mut() else {
+            tracing::warn!(error = %error, what, "redis is unavailable; retrying, failures are summarised");
+            *outage = Some(Outage {
+                since: now,
+                failures: 1,
+                unreported: 0,
+                interval: OUTAGE_REPORT_FIRST,
+                next_report: now + OUTAGE_REPORT_FIRST,
+            });
+            self.failing.store(true, Ordering::Release);
+            return;
+        };
+        o.failures += 1;
+        o.unreported += 1;
+        if now >= o.next_report {
+            tracing::warn!(
+                error = %error,
+                failures = o.unreported,
+                down_for_s = o.since.elapsed().as_secs(),
+                "redis is still unavailable"
+            );
+            o.unreported = 0;
+            o.interval = (o.interval * 2).min(OUTAGE_REPORT_MAX);
+            o.next_report = now + o.interval;
+        }
+    }
+
+    fn succeeded(&self) {
+        if !self.failing.load(Ordering::Acquire) {
+            return;
+        }
+        let mut outage = self.outage.lock().expect("outage lock");
+        if let Some(o) = outage.take() {
+            self.failing.store(false, Ordering::Release);
+            tracing::info!(
+                failures = o.failures,
+                down_for_ms = o.since.elapsed().as_millis() as u64,
+                "redis is available again"
+            );
+        }
+    }
+}
 
 const TAKE_EXPIRED: &str = r"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 1000)
@@ -116,12 +188,8 @@ pub struct RedisBroker {
     subscribed: AtomicBool,
     /// Command latencies and failures go here.
     metrics: Arc<Metrics>,
-}
-
-/// The cause is logged; the client is told only which service is down.
-fn unavailable(error: impl std::fmt::Display) -> Error {
-    tracing::warn!(error = %error, "redis command failed");
-    Error::Unavailable("redis is unavailable".into())
+    /// Failures are logged here.
+    outages: OutageLog,
 }
 
 impl RedisBroker {
@@ -154,7 +222,14 @@ impl RedisBroker {
             subscribed: AtomicBool::new(false),
             instance: crate::common::random_hex(6),
             metrics,
+            outages: OutageLog::default(),
         })
+    }
+
+    /// The cause is logged (by outage); the client is told only which service is down.
+    fn unavailable(&self, what: &str, error: impl std::fmt::Display) -> Error {
+        self.outages.failed(what, &error);
+        Error::Unavailable("redis is unavailable".into())
     }
 
     fn key(&self, suffix: &str) -> String {
@@ -170,7 +245,11 @@ impl RedisBroker {
             return Ok(conn.clone());
         }
         let started = std::time::Instant::now();
-        let pooled = self.pool.get().await.map_err(unavailable);
+        let pooled = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| self.unavailable("connect", e));
         if pooled.is_err() {
             // Counted like a failed command: while Redis is down, every call ends here.
             let metrics = &self.metrics;
@@ -195,8 +274,8 @@ impl RedisBroker {
     ) -> Result<T> {
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(COMMAND_TIMEOUT, future).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(unavailable("command timed out")),
+            Ok(result) => result.map_err(|e| self.unavailable(operation, e)),
+            Err(_) => Err(self.unavailable(operation, "command timed out")),
         };
         let elapsed = started.elapsed().as_secs_f64();
         self.metrics
@@ -215,6 +294,8 @@ impl RedisBroker {
                 .with_label_values(&[operation])
                 .inc();
             self.shared.lock().expect("connection lock").take();
+        } else {
+            self.outages.succeeded();
         }
         result
     }
@@ -276,7 +357,8 @@ impl RedisBroker {
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, events = batch.len(), "publish failed; streams resync when redis returns");
+            // The outage itself is logged by `unavailable`.
+            tracing::debug!(error = %e, events = batch.len(), "publish failed; streams resync when redis returns");
         }
         batch.clear();
     }
@@ -304,6 +386,7 @@ impl RedisBroker {
                 }) {
                     Ok((mut sink, mut messages)) => {
                         tracing::info!(%pattern, "redis subscription established");
+                        self.outages.succeeded();
                         backoff = Duration::from_millis(50);
                         self.subscribed.store(true, Ordering::Release);
                         // Anything published while we were away is in the log: streams re-read it.
@@ -337,10 +420,10 @@ impl RedisBroker {
                         self.subscribed.store(false, Ordering::Release);
                         tracing::warn!("redis subscription lost; reconnecting");
                     }
-                    Err(e) => tracing::warn!(error = %e, "redis psubscribe failed"),
+                    Err(e) => self.outages.failed("psubscribe", &e),
                 },
-                Ok(Err(e)) => tracing::warn!(error = %e, "redis subscription connect failed"),
-                Err(_) => tracing::warn!("redis subscription connect timed out"),
+                Ok(Err(e)) => self.outages.failed("subscribe", &e),
+                Err(_) => self.outages.failed("subscribe", &"connect timed out"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -13,7 +13,7 @@ use serde_json::{Map, json};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::app::AppState;
-use crate::common::{new_id, now_ms, rfc3339, validate_agent_id, validate_text};
+use crate::common::{new_id, now_ms, rfc3339, validate_agent_id, validate_name};
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use crate::memory::{self, NewMemory};
@@ -31,6 +31,7 @@ pub struct NewCheckpoint {
     #[schema(min_length = 1, max_length = 128)]
     pub coordination_id: String,
     /// The state to restore: a JSON object of at most 512 KiB, kept and answered as sent.
+    #[serde(deserialize_with = "crate::common::bounded_raw")]
     #[schema(value_type = Object)]
     pub state: Box<RawValue>,
     /// The agents taking part.
@@ -75,8 +76,8 @@ fn cache_key(checkpoint_id: &str) -> String {
 
 /// Saves a checkpoint (and trims the coordination's oldest beyond the retention).
 pub async fn save(state: &AppState, new: NewCheckpoint) -> Result<Checkpoint> {
-    validate_text("coordination_id", &new.coordination_id, 128)?;
-    validate_text("status", &new.status, 64)?;
+    validate_name("coordination_id", &new.coordination_id, 128)?;
+    validate_name("status", &new.status, 64)?;
     if new.agents.len() > 1000 {
         return Err(Error::invalid("agents", "at most 1000 agents"));
     }

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use super::{Checkpoint, CheckpointQuery, NewCheckpoint, db};
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::common::{Page, PageQuery, validate_text};
+use crate::common::{Page, PageQuery, validate_name};
 use crate::error::{Json, Path, Problem, Query, Result};
 
 pub fn router() -> Router<AppState> {
@@ -53,7 +53,7 @@ pub async fn list(
     Query(query): Query<CheckpointQuery>,
 ) -> Result<Json<Page<Checkpoint>>> {
     who.require_reader()?;
-    validate_text("coordination_id", &query.coordination_id, 128)?;
+    validate_name("coordination_id", &query.coordination_id, 128)?;
     let (limit, before) = PageQuery {
         limit: query.limit,
         cursor: query.cursor,

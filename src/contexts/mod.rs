@@ -39,6 +39,7 @@ pub struct Context {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContextWrite {
+    #[serde(deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub values: Map<String, Value>,
 }

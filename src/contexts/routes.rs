@@ -63,7 +63,7 @@ pub async fn get_context(
     params(("agent_id" = String, Path), ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"?[0-9]+"?)$"#, description = "The version read (the `ETag`, quoted or not), or `*`")),
     request_body = ContextWrite,
     responses((status = 200, body = Context, headers(("ETag" = String, description = "The version, quoted"))), (status = 403, body = Problem), (status = 409, body = Problem),
-              (status = 413, body = Problem)))]
+              (status = 413, body = Problem), (status = 422, body = Problem)))]
 pub async fn replace(
     State(state): State<AppState>,
     who: Principal,
@@ -83,7 +83,7 @@ pub async fn replace(
     params(("agent_id" = String, Path), ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"?[0-9]+"?)$"#, description = "The version read (the `ETag`, quoted or not), or `*`")),
     request_body = ContextWrite,
     responses((status = 200, body = Context, headers(("ETag" = String, description = "The version, quoted"))), (status = 403, body = Problem), (status = 409, body = Problem),
-              (status = 413, body = Problem)))]
+              (status = 413, body = Problem), (status = 422, body = Problem)))]
 pub async fn merge(
     State(state): State<AppState>,
     who: Principal,

@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::agents;
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::common::{new_id, now_ms, rfc3339, validate_agent_id, validate_text};
+use crate::common::{new_id, now_ms, rfc3339, validate_agent_id, validate_name};
 use crate::contexts::{Conflict, find_conflicts};
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
@@ -40,7 +41,7 @@ pub struct NewRound {
     /// What is asked, e.g. `tech_stack_validation` (1-128 bytes).
     #[schema(min_length = 1, max_length = 128)]
     pub topic: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub payload: Map<String, Value>,
     /// Milliseconds until the round times out (1-30 000, default 30 000).
@@ -68,7 +69,7 @@ pub struct NewResponse {
     #[schema(value_type = crate::common::AgentId)]
     pub agent_id: String,
     pub success: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub result: Map<String, Value>,
 }
@@ -135,7 +136,7 @@ pub async fn start(state: &AppState, new: NewRound) -> Result<Started> {
     if new.agents.iter().collect::<HashSet<_>>().len() != new.agents.len() {
         return Err(Error::invalid("agents", "each agent once"));
     }
-    validate_text("topic", &new.topic, 128)?;
+    validate_name("topic", &new.topic, 128)?;
     if !(1..=MAX_WAIT_MS).contains(&new.timeout_ms) {
         return Err(Error::invalid(
             "timeout_ms",
@@ -143,6 +144,13 @@ pub async fn start(state: &AppState, new: NewRound) -> Result<Started> {
         ));
     }
     let payload = check_object("payload", &new.payload)?;
+    let named: Vec<(String, &str)> = new
+        .agents
+        .iter()
+        .enumerate()
+        .map(|(i, agent)| (format!("agents[{i}]"), agent.as_str()))
+        .collect();
+    agents::require_registered(state, &named).await?;
     let now = now_ms();
     let round = RoundRow {
         coordination_id: new_id("crd"),

@@ -22,6 +22,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Ask N agents the same question; each gets a `coordination.request` message and notification.
+/// Every agent must be registered (422 names each one that is not).
 #[utoipa::path(post, path = "/v1/coordinations", tag = "coordinations", request_body = NewRound,
     responses((status = 201, body = Started), (status = 403, body = Problem), (status = 422, body = Problem),
               (status = 429, body = Problem)))]
@@ -38,7 +39,7 @@ pub async fn start(
 #[utoipa::path(post, path = "/v1/coordinations/{coordination_id}/responses", tag = "coordinations",
     params(("coordination_id" = String, Path)), request_body = NewResponse,
     responses((status = 202, description = "Recorded"), (status = 403, body = Problem), (status = 404, body = Problem),
-              (status = 409, body = Problem)))]
+              (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn respond(
     State(state): State<AppState>,
     who: Principal,

@@ -18,9 +18,12 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::agents;
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::common::{hex, new_id, now_ms, rfc3339, validate_agent_id, validate_text};
+use crate::common::{
+    hex, new_id, now_ms, rfc3339, validate_agent_id, validate_name, validate_text,
+};
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use crate::memory::{self, NewEdge, NewMemory};
@@ -40,6 +43,7 @@ pub struct NewHandoff {
     #[schema(value_type = crate::common::AgentId)]
     pub to_agent: String,
     /// Everything the receiver needs (at most 256 KiB serialized).
+    #[serde(deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub context: Map<String, Value>,
     #[schema(min_length = 1, max_length = 1024)]
@@ -76,6 +80,7 @@ pub struct Accept {
 pub struct Complete {
     /// The addressed agent (optional; with auth on the token says who is calling).
     pub agent_id: Option<String>,
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     /// Default true; false records the handoff as `failed`.
@@ -214,13 +219,15 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
         ));
     }
     who.require_agent(&new.from_agent)?;
-    for (field, value, max) in [
-        ("reason", &new.reason, 1024),
-        ("session_id", &new.session_id, 128),
-        ("workflow_id", &new.workflow_id, 128),
+    if let Some(reason) = &new.reason {
+        validate_text("reason", reason, 1024)?;
+    }
+    for (field, value) in [
+        ("session_id", &new.session_id),
+        ("workflow_id", &new.workflow_id),
     ] {
         if let Some(value) = value {
-            validate_text(field, value, max)?;
+            validate_name(field, value, 128)?;
         }
     }
     if !(1..=86_400).contains(&new.accept_timeout_s) {
@@ -229,6 +236,14 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
             "must be 1-86400 seconds",
         ));
     }
+    agents::require_registered(
+        state,
+        &[
+            ("from_agent".to_owned(), new.from_agent.as_str()),
+            ("to_agent".to_owned(), new.to_agent.as_str()),
+        ],
+    )
+    .await?;
     let context = Value::Object(new.context);
     if context.to_string().len() > MAX_CONTEXT {
         return Err(Error::PayloadTooLarge(format!(

@@ -25,7 +25,8 @@ pub fn router() -> Router<AppState> {
 ///
 /// Records a memory and the graph edge `agent:{from} —hands_off_to→ agent:{to}`, queues a
 /// `handoff.offered` message for `to_agent` and notifies its stream. 422 when the session's or
-/// workflow's chain of handoffs has used up its hop budget (the detail names the chain).
+/// workflow's chain of handoffs has used up its hop budget (the detail names the chain), and
+/// when `from_agent` or `to_agent` is not registered (naming it).
 #[utoipa::path(post, path = "/v1/handoffs", tag = "handoffs", request_body = NewHandoff,
     responses((status = 201, body = Handoff), (status = 403, body = Problem), (status = 413, body = Problem),
               (status = 422, body = Problem), (status = 429, body = Problem)))]
@@ -96,7 +97,7 @@ pub async fn accept(
 #[utoipa::path(post, path = "/v1/handoffs/{handoff_id}/complete", tag = "handoffs",
     params(("handoff_id" = String, Path)), request_body(content = Option<Complete>),
     responses((status = 200, body = Handoff), (status = 403, body = Problem), (status = 404, body = Problem),
-              (status = 409, body = Problem)))]
+              (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn complete(
     State(state): State<AppState>,
     who: Principal,

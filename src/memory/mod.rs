@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::common::{new_id, now_ms, rfc3339, validate_text};
+use crate::common::{new_id, now_ms, rfc3339, validate_name, validate_printable, validate_text};
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use crate::store::Writer;
@@ -21,6 +21,8 @@ use crate::store::Writer;
 const MAX_TEXT: usize = 64 << 10;
 /// Largest metadata or properties object, serialized.
 const MAX_OBJECT: usize = 64 << 10;
+/// Longest full-text query `?q=`, in bytes.
+const MAX_QUERY: usize = 1024;
 
 /// A memory to store.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -33,7 +35,7 @@ pub struct NewMemory {
     #[serde(default)]
     #[schema(max_items = 32)]
     pub tags: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub metadata: Map<String, Value>,
 }
@@ -45,6 +47,7 @@ pub struct NewMemory {
 pub struct MemoryPatch {
     pub content: Option<String>,
     pub tags: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
 }
@@ -86,7 +89,7 @@ pub struct NewEdge {
     /// What links them, e.g. `hands_off_to` (1-128 bytes).
     #[schema(min_length = 1, max_length = 128)]
     pub relationship: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub properties: Map<String, Value>,
 }
@@ -128,7 +131,7 @@ pub struct NewPattern {
     /// What was done (1 byte to 64 KiB).
     #[schema(min_length = 1, max_length = 65_536)]
     pub solution: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub metadata: Map<String, Value>,
     /// Whether it worked, when known: counted by `GET /v1/patterns/stats`.
@@ -184,7 +187,7 @@ fn validate_tags(tags: &[String]) -> Result<()> {
         return Err(Error::invalid("tags", "at most 32 tags"));
     }
     for (i, tag) in tags.iter().enumerate() {
-        validate_text(&format!("tags[{i}]"), tag, 128)?;
+        validate_name(&format!("tags[{i}]"), tag, 128)?;
     }
     Ok(())
 }
@@ -271,9 +274,9 @@ pub async fn link_many(tx: &mut Writer, new: Vec<NewEdge>) -> Result<Vec<Edge>> 
     let now = now_ms();
     let mut edges = Vec::with_capacity(new.len());
     for edge in new {
-        validate_text("source", &edge.source, 256)?;
-        validate_text("target", &edge.target, 256)?;
-        validate_text("relationship", &edge.relationship, 128)?;
+        validate_name("source", &edge.source, 256)?;
+        validate_name("target", &edge.target, 256)?;
+        validate_name("relationship", &edge.relationship, 128)?;
         validate_object("properties", &edge.properties)?;
         edges.push(db::EdgeRow {
             edge_id: new_id("edg"),
@@ -298,7 +301,7 @@ pub async fn link_many(tx: &mut Writer, new: Vec<NewEdge>) -> Result<Vec<Edge>> 
 
 /// Records a pattern in the caller's transaction.
 pub async fn record_pattern(tx: &mut Writer, new: NewPattern) -> Result<Pattern> {
-    validate_text("pattern_type", &new.pattern_type, 128)?;
+    validate_name("pattern_type", &new.pattern_type, 128)?;
     validate_text("context", &new.context, MAX_TEXT)?;
     validate_text("solution", &new.solution, MAX_TEXT)?;
     validate_object("metadata", &new.metadata)?;
@@ -319,6 +322,48 @@ pub async fn record_pattern(tx: &mut Writer, new: NewPattern) -> Result<Pattern>
                "success": pattern.success}),
     ));
     Ok(pattern.into())
+}
+
+impl MemoryQuery {
+    /// Checks the filters; the FTS5 query `q` asks for, if any.
+    pub fn search(&self) -> Result<Option<String>> {
+        if let Some(tag) = &self.tag {
+            validate_printable("tag", tag)?;
+        }
+        let Some(q) = &self.q else {
+            return Ok(None);
+        };
+        validate_printable("q", q)?;
+        if q.len() > MAX_QUERY {
+            return Err(Error::invalid(
+                "q",
+                format!("must be at most {MAX_QUERY} bytes"),
+            ));
+        }
+        fts_query(q)
+            .map(Some)
+            .ok_or_else(|| Error::invalid("q", "give at least one word to search for"))
+    }
+}
+
+impl EdgeQuery {
+    pub fn check(&self) -> Result<()> {
+        for (field, value) in [("node", &self.node), ("relationship", &self.relationship)] {
+            if let Some(value) = value {
+                validate_printable(field, value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PatternQuery {
+    pub fn check(&self) -> Result<()> {
+        match &self.pattern_type {
+            Some(pattern_type) => validate_printable("pattern_type", pattern_type),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Turns free text into an FTS5 query that cannot be a syntax error: every word becomes a quoted

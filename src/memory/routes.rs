@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 
 use super::{
     Edge, EdgeQuery, Memory, MemoryPatch, MemoryQuery, NewEdge, NewMemory, NewPattern, Pattern,
-    PatternQuery, PatternStats, PatternTypeStats, db, fts_query,
+    PatternQuery, PatternStats, PatternTypeStats, db,
 };
 use crate::app::AppState;
 use crate::auth::Principal;
@@ -49,15 +49,12 @@ pub async fn list(
     Query(query): Query<MemoryQuery>,
 ) -> Result<Json<Page<Memory>>> {
     who.require_reader()?;
+    let fts = query.search()?;
     let (limit, before) = PageQuery {
         limit: query.limit,
         cursor: query.cursor,
     }
     .newest_first(state.config.limits.max_page_size)?;
-    let fts = query.q.as_deref().and_then(fts_query);
-    if query.q.is_some() && fts.is_none() {
-        return Err(Error::invalid("q", "give at least one word to search for"));
-    }
     let rows = db::list_memories(
         state.store.reader(),
         query.tag.as_deref(),
@@ -126,6 +123,7 @@ pub async fn edges(
     Query(query): Query<EdgeQuery>,
 ) -> Result<Json<Page<Edge>>> {
     who.require_reader()?;
+    query.check()?;
     let (limit, before) = PageQuery {
         limit: query.limit,
         cursor: query.cursor,
@@ -166,6 +164,7 @@ pub async fn patterns(
     Query(query): Query<PatternQuery>,
 ) -> Result<Json<Page<Pattern>>> {
     who.require_reader()?;
+    query.check()?;
     let (limit, before) = PageQuery {
         limit: query.limit,
         cursor: query.cursor,

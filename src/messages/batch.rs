@@ -338,16 +338,17 @@ async fn apply_sends(
     let inserted = db::insert_many(conn, &rows).await?;
     for (i, message_id) in fresh {
         let job = &jobs[i];
-        if !inserted.contains(&message_id) {
+        let Some(&recipient_registered) = inserted.get(&message_id) else {
             answers[i] = Some(Err(Error::TooManyRequests(format!(
                 "queue full: {:?} already has {cap} waiting messages",
                 job.to
             ))));
             continue;
-        }
+        };
         let receipt = SendReceipt {
             message_id,
             recipient_online: job.recipient_online,
+            recipient_registered,
         };
         if let Some(key) = job.idempotency_key.as_deref() {
             let body =

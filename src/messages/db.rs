@@ -92,11 +92,14 @@ pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
     )
 }
 
+/// Inserts messages (triggers log their events and skip those over a recipient's cap); answers
+/// each inserted message's id with whether its recipient is registered, read in the same
+/// statement (one primary-key probe per row, no extra round trip).
 pub async fn insert_many(
     conn: &mut SqliteConnection,
     messages: &[Insert<'_>],
-) -> Result<HashSet<String>> {
-    let mut inserted = HashSet::with_capacity(messages.len());
+) -> Result<HashMap<String, bool>> {
+    let mut inserted = HashMap::with_capacity(messages.len());
     for chunk in messages.chunks(1000) {
         let mut insert = QueryBuilder::new(
             "INSERT INTO message (message_id, sender, recipient, message_type, content, priority,
@@ -113,9 +116,12 @@ pub async fn insert_many(
                 .push_bind(m.now)
                 .push_bind(m.now);
         });
-        insert.push(" RETURNING message_id");
-        let ids: Vec<String> = insert.build_query_scalar().fetch_all(&mut *conn).await?;
-        inserted.extend(ids);
+        insert.push(
+            " RETURNING message_id,
+                        EXISTS (SELECT 1 FROM agent WHERE agent.agent_id = recipient)",
+        );
+        let rows: Vec<(String, bool)> = insert.build_query_as().fetch_all(&mut *conn).await?;
+        inserted.extend(rows);
     }
     Ok(inserted)
 }

@@ -3,8 +3,11 @@
 //!
 //! - Order: higher `priority` first, then send order, also across redeliveries.
 //! - A lease is current while its id matches and it has not run out; ack, nack and extend under
-//!   any other lease are 409, so a slow consumer can never ack someone else's delivery. A repeated
-//!   ack under the lease that acked is 204.
+//!   any other lease are 409 ("lease does not match": only the current lease is kept, so an old
+//!   delivery's and one never issued look alike), so a slow consumer can never ack someone else's
+//!   delivery. A repeated ack under the lease that acked is 204.
+//! - One claim hands the same `lease_id` to every message it returns; each message's lease still
+//!   lives, and is acked, nacked or extended, on its own.
 //! - A lease that runs out puts the message back ([`reap_tick`]); after `max_deliveries` it moves
 //!   to the dead letters without blocking the messages behind it, until replayed.
 //! - Each send logs `new_message` for the recipient's stream in the same statement (a trigger);
@@ -24,7 +27,9 @@ use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use crate::app::AppState;
-use crate::common::{Page, new_id, now_ms, rfc3339, validate_agent_id, validate_text};
+use crate::common::{
+    Page, new_id, now_ms, rfc3339, validate_agent_id, validate_name, validate_text,
+};
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use db::MessageRow;
@@ -40,6 +45,7 @@ pub struct NewMessage {
     #[schema(min_length = 1, max_length = 128)]
     pub message_type: String,
     /// Any JSON, at most the configured content limit (256 KiB by default) when serialized.
+    #[serde(deserialize_with = "crate::common::bounded_raw")]
     #[schema(value_type = Object)]
     pub content: Box<RawValue>,
     /// 0 (lowest, default) to 9 (highest).
@@ -57,6 +63,11 @@ pub struct SendReceipt {
     pub message_id: String,
     /// Whether the recipient is present (heartbeating) right now; the message waits either way.
     pub recipient_online: bool,
+    /// Whether the recipient is registered (a record exists, whatever its presence): false
+    /// flags a likely typo, though the message still waits for an agent that registers later.
+    /// Answers stored before this field existed read as false.
+    #[serde(default)]
+    pub recipient_registered: bool,
 }
 
 /// A claim request.
@@ -194,12 +205,12 @@ pub async fn send(
 ) -> Result<SendReceipt> {
     validate_agent_id("to", to)?;
     validate_agent_id("from", &new.from)?;
-    validate_text("message_type", &new.message_type, 128)?;
+    validate_name("message_type", &new.message_type, 128)?;
     if new.priority > 9 {
         return Err(Error::invalid("priority", "must be 0-9"));
     }
     if let Some(correlation_id) = &new.correlation_id {
-        validate_text("correlation_id", correlation_id, 256)?;
+        validate_name("correlation_id", correlation_id, 256)?;
     }
     let max = state.config.limits.max_content_bytes as usize;
     if new.content.get().len() > max {
@@ -289,17 +300,20 @@ fn refusal(
     let Some(current) = current else {
         return Error::NotFound(format!("no message {message_id:?} in {agent_id:?}'s queue"));
     };
+    // Only the current lease is kept, so a lease that is not it may be an older delivery's or
+    // one never issued (a typo): say only that it does not match.
     let ours = current.lease_id.as_deref() == Some(lease_id);
     Error::Conflict(match current.state.as_str() {
         "acked" if ours => "the message is already acked".to_owned(),
-        "acked" => "the message was acked under another lease".to_owned(),
+        "acked" => "lease does not match: the message was acked under another lease".to_owned(),
         "dead" => "the message is in the dead letters".to_owned(),
         "claimed" if ours => format!(
             "the lease ran out at {}; the message will be delivered again",
             rfc3339(current.lease_expires_at.unwrap_or_default())
         ),
-        "claimed" => "stale lease: the message was delivered again since".to_owned(),
-        _ => "stale lease: the message is back in the queue".to_owned(),
+        "claimed" => "lease does not match: the message is claimed under another lease".to_owned(),
+        _ if ours => "the lease is over: the message is back in the queue".to_owned(),
+        _ => "lease does not match: the message is queued, not claimed under this lease".to_owned(),
     })
 }
 

@@ -32,7 +32,8 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-/// Send a message to `agent_id` (who need not be registered yet: it waits).
+/// Send a message to `agent_id` (who need not be registered yet: it waits, and the receipt's
+/// `recipient_registered` is false).
 ///
 /// 202 means the message is committed to the store. With an `Idempotency-Key` header, a retry
 /// with the same key (from the same sender to the same recipient) answers the first receipt and

@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::app::AppState;
 use crate::broker::{Hot, HotWrite};
-use crate::common::{now_ms, random_hex, validate_agent_id, validate_text};
+use crate::common::{now_ms, random_hex, validate_agent_id, validate_name, validate_printable};
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use crate::memory::{self, NewMemory};
@@ -31,7 +31,7 @@ pub struct NewSession {
     /// What kind of work, e.g. `code_review` (1-128 bytes).
     #[schema(min_length = 1, max_length = 128)]
     pub session_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub context: Map<String, Value>,
     /// Seconds of idleness before the session expires (1-2 592 000, default 86 400).
@@ -68,7 +68,7 @@ pub struct NewActivity {
     /// e.g. `file_edited` (1-128 bytes).
     #[schema(min_length = 1, max_length = 128)]
     pub activity_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub details: Map<String, Value>,
     /// The agent that did it (with an agent token: must be that agent).
@@ -111,6 +111,20 @@ pub struct SessionQuery {
     pub session_type: Option<String>,
     pub limit: Option<u32>,
     pub cursor: Option<String>,
+}
+
+impl SessionQuery {
+    pub fn check(&self) -> Result<()> {
+        if let Some(status) = &self.status
+            && !["active", "ended", "expired"].contains(&status.as_str())
+        {
+            return Err(Error::invalid("status", "one of active, ended, expired"));
+        }
+        match &self.session_type {
+            Some(session_type) => validate_printable("session_type", session_type),
+            None => Ok(()),
+        }
+    }
 }
 
 fn hot_key(session_id: &str) -> String {
@@ -174,7 +188,7 @@ fn too_large(field: &str, object: &Map<String, Value>) -> Result<String> {
 
 /// Opens a session (and records a memory of it).
 pub async fn create(state: &AppState, new: NewSession) -> Result<Session> {
-    validate_text("session_type", &new.session_type, 128)?;
+    validate_name("session_type", &new.session_type, 128)?;
     if !(1..=2_592_000).contains(&new.ttl_s) {
         return Err(Error::invalid("ttl_s", "must be 1-2592000 seconds"));
     }
@@ -269,7 +283,7 @@ pub async fn record(
     session_id: &str,
     new: NewActivity,
 ) -> Result<ActivityReceipt> {
-    validate_text("activity_type", &new.activity_type, 128)?;
+    validate_name("activity_type", &new.activity_type, 128)?;
     if let Some(agent) = &new.agent_id {
         validate_agent_id("agent_id", agent)?;
     }

@@ -10,7 +10,7 @@ use super::{Activities, ActivityReceipt, NewActivity, NewSession, Session, Sessi
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::common::{Empty, Page, PageQuery};
-use crate::error::{Error, Json, OptionalJson, Path, Problem, Query, Result};
+use crate::error::{Json, OptionalJson, Path, Problem, Query, Result};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -57,11 +57,7 @@ pub async fn list(
     Query(query): Query<SessionQuery>,
 ) -> Result<Json<Page<Session>>> {
     who.require_reader()?;
-    if let Some(status) = &query.status
-        && !["active", "ended", "expired"].contains(&status.as_str())
-    {
-        return Err(Error::invalid("status", "one of active, ended, expired"));
-    }
+    query.check()?;
     let (limit, before) = PageQuery {
         limit: query.limit,
         cursor: query.cursor,

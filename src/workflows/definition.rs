@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use crate::common::{validate_agent_id, validate_text};
+use crate::common::{validate_agent_id, validate_name};
 use crate::error::{Error, FieldError, Result};
 
 /// Longest workflow name, in bytes.
@@ -90,7 +90,7 @@ pub struct WorkflowDefinition {
     #[schema(min_items = 1, max_items = 10_000)]
     pub steps: Vec<StepDef>,
     /// Free-form JSON object.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub metadata: Map<String, Value>,
 }
@@ -110,7 +110,7 @@ pub struct StepDef {
     #[schema(min_length = 1, max_length = 128)]
     pub capability: Option<String>,
     /// Handed to the agent (at most 256 KiB serialized, the configured maximum).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub input: Map<String, Value>,
     /// `dependency_based` only: the `step_id`s that must succeed before this step starts.
@@ -158,7 +158,7 @@ impl Default for Limits {
 /// and the first cycle found is reported, on the `depends_on` of the step it starts from.
 pub fn validate(def: &WorkflowDefinition, limits: &Limits) -> Result<()> {
     let mut errors = Errors::default();
-    errors.check(validate_text("", &def.name, MAX_NAME), || "name".to_owned());
+    errors.check(validate_name("", &def.name, MAX_NAME), || "name".to_owned());
 
     let steps = &def.steps;
     let n = steps.len();
@@ -218,7 +218,7 @@ pub fn validate(def: &WorkflowDefinition, limits: &Limits) -> Result<()> {
                 errors.check(validate_agent_id("", agent), || at("agent"));
             }
             (None, Some(capability)) => {
-                errors.check(validate_text("", capability, MAX_CAPABILITY), || {
+                errors.check(validate_name("", capability, MAX_CAPABILITY), || {
                     at("capability")
                 });
             }
@@ -226,7 +226,7 @@ pub fn validate(def: &WorkflowDefinition, limits: &Limits) -> Result<()> {
 
         match (def.pattern, &step.trigger) {
             (Pattern::EventDriven, Some(trigger)) => {
-                errors.check(validate_text("", trigger, MAX_TRIGGER), || at("trigger"));
+                errors.check(validate_name("", trigger, MAX_TRIGGER), || at("trigger"));
             }
             (Pattern::EventDriven, None) => errors.add(
                 at("trigger"),

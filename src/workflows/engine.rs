@@ -297,7 +297,7 @@ pub async fn dispatch(
     let mut waiting = Vec::new();
     for ((step, agent), (message_id, _)) in steps.into_iter().zip(chosen).zip(messages) {
         match agent {
-            Some(agent) if queued.contains(&message_id) => out.push((step, agent)),
+            Some(agent) if queued.contains_key(&message_id) => out.push((step, agent)),
             _ => waiting.push(step),
         }
     }

@@ -17,8 +17,11 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::agents;
 use crate::app::AppState;
-use crate::common::{Page, PageQuery, new_id, now_ms, rfc3339, validate_agent_id, validate_text};
+use crate::common::{
+    Page, PageQuery, new_id, now_ms, rfc3339, validate_agent_id, validate_name, validate_text,
+};
 use crate::error::{Error, Result};
 use db::{RunRow, StepRow, StepView};
 use definition::{Limits, Pattern, WorkflowDefinition};
@@ -80,6 +83,7 @@ pub struct StepResult {
     pub attempt: i64,
     pub success: bool,
     /// Any JSON (at most the message content limit); handed on as `previous_results`.
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Option<Object>)]
     pub output: Option<Box<RawValue>>,
     /// Why it failed (at most 4096 bytes).
@@ -93,7 +97,7 @@ pub struct StepResult {
 pub struct TriggerEvent {
     /// The event name steps name as their `trigger` (1-256 bytes).
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::common::bounded")]
     #[schema(value_type = Object)]
     pub payload: Map<String, Value>,
     /// Only this workflow's steps (default: every executing workflow's).
@@ -168,6 +172,14 @@ pub async fn submit(state: &AppState, def: WorkflowDefinition) -> Result<Workflo
         max_input_bytes: state.config.limits.max_content_bytes as usize,
     };
     definition::validate(&def, &limits)?;
+    // A step naming its agent needs a registered one; a step naming a capability may wait.
+    let named: Vec<(String, &str)> = def
+        .steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some((format!("steps[{i}].agent"), s.agent.as_deref()?)))
+        .collect();
+    agents::require_registered(state, &named).await?;
     let now = now_ms();
     let workflow_id = new_id("wf");
     let index: std::collections::HashMap<&str, i64> = def
@@ -309,7 +321,7 @@ pub async fn cancel(state: &AppState, workflow_id: &str) -> Result<Workflow> {
 /// Posts an event: starts the pending steps that wait for it (and is kept a minute for steps
 /// that begin waiting just after).
 pub async fn post_event(state: &AppState, event: TriggerEvent) -> Result<EventAccepted> {
-    validate_text("name", &event.name, 256)?;
+    validate_name("name", &event.name, 256)?;
     if event.name.starts_with("step:") {
         return Err(Error::invalid(
             "name",
@@ -317,7 +329,7 @@ pub async fn post_event(state: &AppState, event: TriggerEvent) -> Result<EventAc
         ));
     }
     if let Some(id) = &event.workflow_id {
-        validate_text("workflow_id", id, 128)?;
+        validate_name("workflow_id", id, 128)?;
     }
     let payload = Value::Object(event.payload).to_string();
     if payload.len() > state.config.limits.max_content_bytes as usize {

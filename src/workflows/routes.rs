@@ -26,7 +26,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/events", post(post_event))
 }
 
-/// Submit a workflow: validated (422 names the field, a cycle its path), then started.
+/// Submit a workflow: validated (422 names the field, a cycle its path, a step's `agent` that is
+/// not registered), then started.
 #[utoipa::path(post, path = "/v1/workflows", tag = "workflows", request_body = WorkflowDefinition,
     responses((status = 201, body = Workflow), (status = 403, body = Problem), (status = 413, body = Problem),
               (status = 422, body = Problem)))]
@@ -69,7 +70,7 @@ pub async fn get_workflow(
 #[utoipa::path(post, path = "/v1/workflows/{workflow_id}/steps/{step_id}/result", tag = "workflows",
     params(("workflow_id" = String, Path), ("step_id" = String, Path)), request_body = StepResult,
     responses((status = 200, body = Workflow), (status = 403, body = Problem), (status = 404, body = Problem),
-              (status = 409, body = Problem), (status = 413, body = Problem)))]
+              (status = 409, body = Problem), (status = 413, body = Problem), (status = 422, body = Problem)))]
 pub async fn result(
     State(state): State<AppState>,
     who: Principal,

@@ -11,6 +11,7 @@ use crate::harness::TestApp;
 
 both_brokers!(a_round_completes_and_long_poll_wakes, |kind| async move {
     let app = TestApp::spawn(kind).await;
+    app.ensure_registered(&["backend", "frontend"]).await;
     let mut backend = app.ws("/v1/agents/backend/stream", &[]).await.unwrap();
     let (status, started) = app
         .post("/v1/coordinations", json!({"agents": ["backend", "frontend"], "topic": "tech_stack_validation",
@@ -87,6 +88,7 @@ both_brokers!(a_round_completes_and_long_poll_wakes, |kind| async move {
 
 both_brokers!(a_round_times_out_with_missing, |kind| async move {
     let app = TestApp::spawn(kind).await;
+    app.ensure_registered(&["a", "b", "c"]).await;
     let (_, started) = app
         .post(
             "/v1/coordinations",

@@ -9,6 +9,8 @@ use crate::both_brokers;
 use crate::harness::{Options, TestApp};
 
 async fn initiate(app: &TestApp, body: Value) -> Value {
+    let ends = [&body["from_agent"], &body["to_agent"]].map(|a| a.as_str().unwrap());
+    app.ensure_registered(&ends).await;
     let (status, handoff) = app.post("/v1/handoffs", body).await;
     assert_eq!(status, 201, "{handoff}");
     handoff

@@ -310,6 +310,16 @@ impl TestApp {
         body
     }
 
+    /// Registers (with no capabilities) those of `agent_ids` not registered yet: work addressed
+    /// to an agent by name needs a registered one. Registered agents are left as they are.
+    pub async fn ensure_registered(&self, agent_ids: &[&str]) {
+        for agent_id in agent_ids {
+            if self.get(&format!("/v1/agents/{agent_id}")).await.0 == 404 {
+                self.register(agent_id, &[]).await;
+            }
+        }
+    }
+
     /// Sends a message; returns its id.
     pub async fn send(&self, to: &str, from: &str, content: Value, priority: u8) -> String {
         let (status, body) = self

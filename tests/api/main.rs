@@ -5,6 +5,7 @@ mod harness;
 
 mod agents;
 mod auth;
+mod bounds;
 mod checkpoints;
 mod connections;
 mod contexts;
@@ -16,6 +17,7 @@ mod inputs;
 mod memory;
 mod messages;
 mod metrics;
+mod mistakes;
 mod openapi;
 mod origins;
 mod readme;

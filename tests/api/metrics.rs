@@ -30,6 +30,7 @@ fn sample(text: &str, series: &str) -> f64 {
 
 both_brokers!(counters_and_gauges_move_with_traffic, |kind| async move {
     let app = TestApp::spawn(kind).await;
+    app.ensure_registered(&["w"]).await;
     let before = scrape(&app).await;
     let mut stream = app.ws("/v1/agents/worker/stream", &[]).await.unwrap();
     for n in 0..10 {
@@ -114,6 +115,7 @@ both_brokers!(counters_and_gauges_move_with_traffic, |kind| async move {
 both_brokers!(promtool_finds_no_problem, |kind| async move {
     let app = TestApp::spawn(kind).await;
     app.register("w", &["x"]).await;
+    app.ensure_registered(&["boss"]).await;
     app.send("w", "boss", json!("hi"), 3).await;
     let (_, handoff) = app
         .post(
@@ -214,6 +216,7 @@ both_brokers!(
 both_brokers!(metrics_report_reflects_what_happened, |kind| async move {
     let app = TestApp::spawn(kind).await;
     app.register("w", &["x"]).await;
+    app.ensure_registered(&["boss"]).await;
     let (_, empty) = app.get("/v1/metrics").await;
     assert_eq!(
         empty["agent_coordination"]["average_handoff_time_ms"],
@@ -279,7 +282,8 @@ both_brokers!(metrics_report_reflects_what_happened, |kind| async move {
     let (status, report) = app.get("/v1/metrics").await;
     assert_eq!(status, 200, "{report}");
     let agents = &report["agent_coordination"];
-    assert_eq!(agents["active_agents"], 1);
+    // w, and boss (registered to hand off).
+    assert_eq!(agents["active_agents"], 2);
     assert!(agents["average_handoff_time_ms"].as_f64().unwrap() >= 0.0);
     assert_eq!(agents["coordination_success_rate"], 1.0);
     assert!(

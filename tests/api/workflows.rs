@@ -51,6 +51,13 @@ async fn answer(
 }
 
 async fn submit(app: &TestApp, def: Value) -> Value {
+    let named: Vec<&str> = def["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|step| step["agent"].as_str())
+        .collect();
+    app.ensure_registered(&named).await;
     let (status, run) = app.post("/v1/workflows", def).await;
     assert_eq!(status, 201, "{run}");
     run
@@ -707,6 +714,17 @@ const AGENTS: [&str; 4] = ["k0", "k1", "k2", "k3"];
 
 /// 100 workflows (sequential and parallel, 3 steps each) over 4 agents.
 async fn submit_hundred(client: &reqwest::Client, base: &str) {
+    for agent in AGENTS {
+        let body = json!({"agent_id": agent, "capabilities": []});
+        let status = client
+            .post(format!("{base}/v1/agents"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_success(), "register {agent}: {status}");
+    }
     for n in 0..100 {
         let pattern = if n % 2 == 0 { "parallel" } else { "sequential" };
         let steps: Vec<Value> = (0..3)
@@ -809,6 +827,7 @@ async fn two_instances_share_runs_without_double_transitions() {
     };
     assert_eq!(raced["steps"][0]["status"], winner);
 
+    a.ensure_registered(&AGENTS).await;
     for n in 0..40 {
         let pattern = if n % 2 == 0 { "parallel" } else { "sequential" };
         let steps: Vec<Value> = (0..3)
