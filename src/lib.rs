@@ -23,6 +23,7 @@ pub mod memory; // memories (full-text), graph edges, patterns: the record of wh
 pub mod messages; // durable per-agent priority queues with leases
 pub mod openapi; // the OpenAPI document
 pub mod ops; // healthz, readyz, openapi.json
+pub mod retention; // finished records purged after their retention, space given back
 pub mod sessions; // units of work with an activity log, expiring when idle
 pub mod store; // SQLite store, ordered writer
 pub mod workflows; // multi-agent workflows: four patterns, retries, timeouts, restarts

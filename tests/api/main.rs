@@ -16,6 +16,7 @@ mod memory;
 mod messages;
 mod metrics;
 mod openapi;
+mod retention;
 mod sessions;
 mod streams;
 mod workflows;
