@@ -2,15 +2,17 @@
 //! Each tick reaps expired leases, checkpoints the WAL, expires handoff offers, idle sessions and
 //! overdue coordination rounds, moves workflow steps whose time has come (attempt timeouts,
 //! retries, steps waiting for an agent) and marks silent agents offline; about once a minute it
-//! also prunes the event log, acked messages, idempotency answers and old workflow events. Every step is a compare-and-set in the
-//! store or an atomic take in the broker, so with several instances each change happens once.
+//! also prunes the event log, acked messages, idempotency answers and old workflow events, purges
+//! finished records past their retention and gives the freed space back ([`crate::retention`]).
+//! Every step is a compare-and-set in the store or an atomic take in the broker, so with several
+//! instances each change happens once.
 
 use std::time::{Duration, Instant};
 
 use crate::app::AppState;
 use crate::common::now_ms;
 use crate::error::Error;
-use crate::{agents, coordinations, events, handoffs, messages, sessions, workflows};
+use crate::{agents, coordinations, events, handoffs, messages, retention, sessions, workflows};
 
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 
@@ -77,7 +79,7 @@ pub async fn tick(state: &AppState, now: i64) {
     }
 }
 
-/// Pruning by retention.
+/// Pruning by retention, then giving the space back.
 pub async fn housekeeping(state: &AppState, now: i64) {
     if let Err(e) = events::prune_tick(state, now).await {
         failed(&e, "event log pruning failed");
@@ -87,6 +89,14 @@ pub async fn housekeeping(state: &AppState, now: i64) {
     }
     if let Err(e) = workflows::prune_tick(state, now).await {
         failed(&e, "trigger event pruning failed");
+    }
+    match retention::purge_tick(state, now).await {
+        Ok(purged) if purged.is_empty() => {}
+        Ok(purged) => tracing::info!(?purged, "finished records purged past their retention"),
+        Err(e) => failed(&e, "retention purge failed"),
+    }
+    if let Err(e) = retention::reclaim_tick(state).await {
+        failed(&e, "giving free pages back failed");
     }
 }
 

@@ -98,6 +98,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=86_400), global = true)]
     pub sla_window_s: u32,
 
+    /// Samples a measure needs in the window before `GET /v1/sla` judges it (fewer: reported as
+    /// insufficient data, breaking no SLA).
+    #[arg(long, env = "LTMC_SLA_MIN_SAMPLES", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=10_000), global = true)]
+    pub sla_min_samples: u32,
+
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -186,6 +192,29 @@ pub struct Limits {
     #[arg(long, env = "LTMC_EVENT_RETENTION_H", default_value_t = 24,
           value_parser = clap::value_parser!(u32).range(1..=24 * 365), global = true)]
     pub event_retention_h: u32,
+
+    /// Most events kept, whatever their age (about 300 bytes each on disk with their indexes).
+    #[arg(long, env = "LTMC_EVENT_MAX_ROWS", default_value_t = 5_000_000,
+          value_parser = clap::value_parser!(u32).range(1000..), global = true)]
+    pub event_max_rows: u32,
+
+    /// Most acked messages remembered (for a repeated ack, at most an hour), the newest first.
+    #[arg(long, env = "LTMC_ACKED_MAX_ROWS", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u32).range(1000..), global = true)]
+    pub acked_max_rows: u32,
+
+    /// Days finished records are kept: workflows (with their steps), handoffs in a final state,
+    /// ended and expired sessions (with their activities), finished coordination rounds, and the
+    /// checkpoints of coordinations that saved none for that long.
+    #[arg(long, env = "LTMC_RETENTION_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=36_500), global = true)]
+    pub retention_days: u32,
+
+    /// Days memories (since their last update), graph edges and patterns are kept; 0 keeps them
+    /// for good.
+    #[arg(long, env = "LTMC_MEMORY_RETENTION_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(0..=36_500), global = true)]
+    pub memory_retention_days: u32,
 
     /// Milliseconds between background ticks (lease reaper, presence expiry, pruning).
     #[arg(long, env = "LTMC_TICK_MS", default_value_t = 250,

@@ -1,5 +1,8 @@
 //! The SQL store, the source of truth. SQLite in WAL mode (`synchronous=NORMAL`: survives any
 //! crash of the process), one file, created if missing, migrations embedded and applied at start.
+//! Space is given back, not only freed: the file uses `auto_vacuum = INCREMENTAL` (a file made
+//! before that is converted once at start by a `VACUUM`), and [`Store::reclaim`] hands free pages
+//! back to the file system a few at a time, so purging never holds the writer for long.
 //!
 //! All writes go through one owned connection, held by one user at a time: a [`Writer`] (an
 //! explicit transaction) or an [`AutoCommit`] (single statements, e.g. the batches of
@@ -14,7 +17,9 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
@@ -26,6 +31,9 @@ use crate::ops::metrics::Metrics;
 
 /// WAL frames (pages) after which the background checkpoint makes the writer start the WAL over.
 const WAL_RESTART_FRAMES: i64 = 4096;
+/// The WAL file is cut back to this size when it starts over (it otherwise keeps its largest
+/// size for good).
+const WAL_SIZE_LIMIT: &str = "67108864";
 
 /// The one write connection. It is owned, not pooled: a pool's acquire and release cost several
 /// times more than the statements of a typical write.
@@ -98,6 +106,7 @@ impl Store {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             // Another process writing the same file (a second instance) makes us wait, not fail.
@@ -108,8 +117,12 @@ impl Store {
         let mut conn = options
             .clone()
             .pragma("wal_autocheckpoint", "0")
+            // The writer opens the file first. This takes effect on a new file only (sqlx sends
+            // it before `journal_mode`, as SQLite needs); an older file is converted below.
+            .auto_vacuum(SqliteAutoVacuum::Incremental)
             .connect()
             .await?;
+        convert_to_incremental_vacuum(&mut conn, path).await?;
         sqlx::migrate!().run(&mut conn).await?;
         events::db::create_outbox(&mut conn).await?;
         let checkpointer = options.clone().connect().await?;
@@ -202,6 +215,42 @@ impl Store {
             .await?)
     }
 
+    /// The database file's size and the free pages inside it.
+    pub async fn size(&self) -> Result<Size> {
+        let row = sqlx::query(
+            "SELECT (SELECT page_size FROM pragma_page_size()),
+                    (SELECT page_count FROM pragma_page_count()),
+                    (SELECT freelist_count FROM pragma_freelist_count()),
+                    (SELECT auto_vacuum FROM pragma_auto_vacuum())",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        let page_size: i64 = row.try_get(0)?;
+        Ok(Size {
+            bytes: page_size * row.try_get::<i64, _>(1)?,
+            free_bytes: page_size * row.try_get::<i64, _>(2)?,
+            incremental_vacuum: row.try_get::<i64, _>(3)? == 2,
+        })
+    }
+
+    /// Hands up to `pages` free pages back to the file system (`PRAGMA incremental_vacuum`), in
+    /// one short turn on the write connection. Returns how many pages were free before.
+    pub async fn reclaim(&self, pages: u32) -> Result<i64> {
+        let mut writer = self.autocommit().await?;
+        let free: i64 = sqlx::query_scalar("SELECT freelist_count FROM pragma_freelist_count()")
+            .fetch_one(&mut *writer)
+            .await?;
+        if free > 0 {
+            // Each step of the statement frees one page: fetching every row steps it to the end.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "PRAGMA incremental_vacuum({pages})"
+            )))
+            .fetch_all(&mut *writer)
+            .await?;
+        }
+        Ok(free)
+    }
+
     /// A cheap liveness probe for `/readyz`.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
@@ -212,6 +261,37 @@ impl Store {
     pub async fn close(&self) {
         self.read.close().await;
     }
+}
+
+/// How big the database file is.
+#[derive(Debug, Clone, Copy)]
+pub struct Size {
+    /// page_count × page_size (the WAL file not included).
+    pub bytes: i64,
+    /// Free pages inside the file (freelist_count × page_size), not yet given back.
+    pub free_bytes: i64,
+    /// Whether free pages can be given back (`auto_vacuum = INCREMENTAL`).
+    pub incremental_vacuum: bool,
+}
+
+/// A file created before the store used `auto_vacuum = INCREMENTAL` keeps the mode it was made
+/// with until a `VACUUM` rewrites it: done once, at start, before anything else uses the file
+/// (it takes a while on a large file and needs as much free disk again).
+async fn convert_to_incremental_vacuum(conn: &mut SqliteConnection, path: &str) -> Result<()> {
+    let mode: i64 = sqlx::query_scalar("PRAGMA auto_vacuum")
+        .fetch_one(&mut *conn)
+        .await?;
+    if mode != 2 {
+        tracing::info!(
+            path,
+            "converting the database to incremental vacuum (one VACUUM)"
+        );
+        sqlx::query("PRAGMA auto_vacuum = INCREMENTAL")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("VACUUM").execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// Exclusive use of the write connection outside a [`Writer`].

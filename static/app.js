@@ -183,9 +183,16 @@ async function refreshQueues() {
 
 async function refreshSla() {
   const sla = await api("/v1/sla");
-  $("sla").replaceChildren(...Object.entries(sla.components).map(([name, c]) =>
-    el("span", { class: `badge ${c.compliant ? "passed" : "failed"}`, title: c.violations.join(", ") || "compliant" },
-      `${name.replace(/_/g, " ")} ${c.compliant ? "✓" : "✗"}`)));
+  // Each badge names what it covers (the broker's part says which broker runs); a component
+  // without enough samples yet is neither green nor red.
+  const look = { compliant: ["passed", "✓"], violated: ["failed", "✗"], insufficient_data: ["", "…"] };
+  $("sla").replaceChildren(...Object.values(sla.components).map((c) => {
+    const [cls, mark] = look[c.status];
+    const title = c.status === "insufficient_data"
+      ? `insufficient data (fewer than ${sla.min_samples} samples)`
+      : c.violations.join(", ") || "compliant";
+    return el("span", { class: `badge ${cls}`, title }, `${c.label} ${mark}`);
+  }));
 }
 
 // ---- the event stream ---------------------------------------------------------------------

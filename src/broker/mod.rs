@@ -86,6 +86,14 @@ impl Broker {
         )?)))
     }
 
+    /// `in-process` or `redis`: which broker runs, for people (the SLA report, diagnostics).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Broker::Memory(_) => "in-process",
+            Broker::Redis(_) => "redis",
+        }
+    }
+
     /// `memory` or `redis`, for readiness answers and logs.
     pub fn name(&self) -> &'static str {
         match self {

@@ -132,15 +132,26 @@ pub async fn pruned_through(pool: &SqlitePool) -> Result<i64> {
 }
 
 /// The newest `seq` that may be pruned: older than `cutoff_ms` (found from the oldest end, so
-/// only what will be deleted is read) and not among the newest `keep` events.
-pub async fn prunable_through(pool: &SqlitePool, cutoff_ms: i64, keep: i64) -> Result<i64> {
+/// only what will be deleted is read) and not among the newest `keep` events — or, whatever its
+/// age, not among the newest `max_rows` (counted by `seq`: a gap left by a rolled-back insert only
+/// makes fewer rows stay).
+pub async fn prunable_through(
+    pool: &SqlitePool,
+    cutoff_ms: i64,
+    keep: i64,
+    max_rows: i64,
+) -> Result<i64> {
     Ok(sqlx::query_scalar(
-        "SELECT MIN(COALESCE((SELECT seq FROM event WHERE at >= ? ORDER BY seq LIMIT 1) - 1,
-                            (SELECT COALESCE(MAX(seq), 0) FROM event)),
-                   (SELECT COALESCE(MAX(seq), 0) FROM event) - ?)",
+        "WITH newest (seq) AS (SELECT COALESCE(MAX(seq), 0) FROM event)
+         SELECT MAX(MIN(COALESCE((SELECT seq FROM event WHERE at >= ? ORDER BY seq LIMIT 1) - 1,
+                                 newest.seq),
+                        newest.seq - ?),
+                    newest.seq - ?)
+         FROM newest",
     )
     .bind(cutoff_ms)
     .bind(keep)
+    .bind(max_rows)
     .fetch_one(pool)
     .await?)
 }

@@ -94,14 +94,23 @@ impl Event {
 
 /// Events always kept, whatever their age.
 const KEEP_NEWEST_EVENTS: i64 = 1000;
-/// Events deleted per write transaction, so pruning a busy day never holds the writer for long.
-const PRUNE_BATCH: i64 = 5000;
+/// Events deleted per write transaction: a few milliseconds of the writer each, so senders
+/// queue behind a purge for no longer than behind any other batch.
+const PRUNE_BATCH: i64 = 2000;
 
-/// Prunes the event log past its retention (keeping the newest 1000 events), a batch per
-/// transaction.
+/// Prunes the event log past its retention (`LTMC_EVENT_RETENTION_H`) or past its size
+/// (`LTMC_EVENT_MAX_ROWS`, the oldest go first), keeping the newest 1000 events either way, a
+/// batch per transaction.
 pub async fn prune_tick(state: &crate::app::AppState, now: i64) -> crate::error::Result<u64> {
-    let cutoff = now - i64::from(state.config.limits.event_retention_h) * 3_600_000;
-    let through = db::prunable_through(state.store.reader(), cutoff, KEEP_NEWEST_EVENTS).await?;
+    let limits = &state.config.limits;
+    let cutoff = now - i64::from(limits.event_retention_h) * 3_600_000;
+    let through = db::prunable_through(
+        state.store.reader(),
+        cutoff,
+        KEEP_NEWEST_EVENTS,
+        i64::from(limits.event_max_rows),
+    )
+    .await?;
     let mut pruned = 0;
     loop {
         let mut tx = state.store.begin().await?;
@@ -109,6 +118,7 @@ pub async fn prune_tick(state: &crate::app::AppState, now: i64) -> crate::error:
         tx.commit(&state.broker).await?;
         pruned += deleted;
         if deleted < PRUNE_BATCH as u64 {
+            state.metrics.purged("events", pruned);
             return Ok(pruned);
         }
     }

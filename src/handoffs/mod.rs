@@ -507,7 +507,10 @@ pub async fn accept(
         && !digest.eq_ignore_ascii_case(&h.context_digest)
     {
         let metrics = &state.metrics;
-        metrics.sla.record(Measure::ContextPreserved, now_ms(), 0.0);
+        // Counted once per handoff: the retries that follow a mismatch add nothing.
+        metrics
+            .sla
+            .record_once(Measure::ContextPreserved, handoff_id, now_ms(), 0.0);
         return Err(Error::Conflict(format!(
             "context digest mismatch: the stored context hashes to {}",
             h.context_digest
@@ -534,7 +537,9 @@ pub async fn accept(
         .sla
         .record(Measure::HandoffTime, now, waited_ms as f64);
     if body.context_digest.is_some() {
-        metrics.sla.record(Measure::ContextPreserved, now, 1.0);
+        metrics
+            .sla
+            .record_once(Measure::ContextPreserved, handoff_id, now, 1.0);
     }
     Ok(handoff)
 }

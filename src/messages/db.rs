@@ -387,6 +387,18 @@ pub async fn reap_expired(
         .collect()
 }
 
+/// When the `max_rows`-th newest acked message was acked (None with fewer acked messages): the
+/// ones acked before it are past the count kept.
+pub async fn acked_finished_at(pool: &SqlitePool, max_rows: u32) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT finished_at FROM message WHERE state = 'acked'
+         ORDER BY finished_at DESC LIMIT 1 OFFSET ?",
+    )
+    .bind(i64::from(max_rows) - 1)
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Forgets up to `batch` acked messages finished before `cutoff` (a repeated ack after that is
 /// 404).
 pub async fn prune_acked(conn: &mut SqliteConnection, cutoff: i64, batch: u32) -> Result<u64> {

@@ -52,20 +52,29 @@ pub async fn reap_tick(state: &AppState, now: i64) -> Result<Reaped> {
     Ok(outcome)
 }
 
-/// Housekeeping: forgets acked messages and idempotency answers past their retention.
+/// Housekeeping: forgets acked messages past their hour or past `LTMC_ACKED_MAX_ROWS` (the
+/// oldest first), and idempotency answers past their retention.
 pub async fn prune_tick(state: &AppState, now: i64) -> Result<u64> {
     // A batch per turn on the write connection, so other writes get theirs in between.
-    const BATCH: u32 = 5000;
+    const BATCH: u32 = 2000;
+    // An hour of acks, or fewer when that is more than the configured count (found on the read
+    // pool, so the writer never waits for the count).
+    let max_rows = state.config.limits.acked_max_rows;
+    let cutoff = match db::acked_finished_at(state.store.reader(), max_rows).await? {
+        Some(oldest_kept) => oldest_kept.max(now - ACKED_RETENTION_MS),
+        None => now - ACKED_RETENTION_MS,
+    };
     let mut pruned = 0;
     loop {
         let mut conn = state.store.autocommit().await?;
-        let deleted = db::prune_acked(&mut conn, now - ACKED_RETENTION_MS, BATCH).await?;
+        let deleted = db::prune_acked(&mut conn, cutoff, BATCH).await?;
         drop(conn);
         pruned += deleted;
         if deleted < u64::from(BATCH) {
             break;
         }
     }
+    state.metrics.purged("acked_messages", pruned);
     let mut conn = state.store.autocommit().await?;
     Ok(pruned + db::prune_idempotency(&mut conn, now - IDEMPOTENCY_RETENTION_MS).await?)
 }

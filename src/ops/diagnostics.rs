@@ -1,8 +1,10 @@
 //! Diagnostics (`GET /v1/diagnostics`): the seed's health checks run for real — store and broker
 //! connectivity and latency, registry integrity, a messaging round trip, stuck leases, dead-letter
-//! growth, overdue workflow steps, SLA compliance — each `passed`, `warning` or `failed` with its
-//! detail; the `issues` found, concrete `recommendations` (the seed's optimisation rules) and a
-//! `health_score` from 0 to 100. A check that cannot run is `failed`: the report always answers.
+//! growth, overdue workflow steps, SLA compliance, storage — each `passed`, `warning` or `failed`
+//! with its detail; the `issues` found, concrete `recommendations` (the seed's optimisation
+//! rules, each applied only once its measure has the SLA's minimum sample count, so a quiet
+//! system is not told to change anything) and a `health_score` from 0 to 100. A check that
+//! cannot run is `failed`: the report always answers.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -50,12 +52,26 @@ pub struct Check {
     pub latency_ms: Option<f64>,
 }
 
+/// The database file and what retention purged.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Storage {
+    /// page_count × page_size (the WAL file not included).
+    pub database_bytes: i64,
+    /// Free pages inside the file not yet given back to the file system.
+    pub free_bytes: i64,
+    /// Rows this instance purged past their retention since it started, by kind.
+    #[schema(value_type = Object)]
+    pub purged_rows: BTreeMap<String, u64>,
+}
+
 /// `GET /v1/diagnostics`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Diagnostics {
     /// 100 × (passed + ½ warnings) / checks.
     pub health_score: u8,
     pub checks: BTreeMap<String, Check>,
+    /// Null when the store could not say.
+    pub storage: Option<Storage>,
     /// `<check>: <detail>` for every check that did not pass.
     pub issues: Vec<String>,
     pub recommendations: Vec<String>,
@@ -123,6 +139,71 @@ async fn round_trip(state: &AppState) -> Result<(), String> {
     }
 }
 
+/// Passed when every SLA with enough samples is met; names the components still short of data.
+fn sla_check(report: &sla::SlaReport) -> Check {
+    let c = &report.components;
+    let components = [
+        ("agent_handoff", &c.agent_handoff),
+        ("workflow_execution", &c.workflow_execution),
+        ("session_management", &c.session_management),
+        ("redis_coordination", &c.redis_coordination),
+    ];
+    let violations: Vec<String> = components
+        .iter()
+        .flat_map(|(name, c)| c.violations.iter().map(move |v| format!("{name}.{v}")))
+        .collect();
+    let waiting: Vec<&str> = components
+        .iter()
+        .filter(|(_, c)| c.status == sla::Verdict::InsufficientData)
+        .map(|(name, _)| *name)
+        .collect();
+    if !violations.is_empty() {
+        return check(
+            "warning",
+            format!("SLAs broken: {}", violations.join(", ")),
+            None,
+        );
+    }
+    let detail = if waiting.is_empty() {
+        "every SLA met over the window".to_owned()
+    } else {
+        format!(
+            "every SLA with at least {} samples met; insufficient data for {}",
+            report.min_samples,
+            waiting.join(", ")
+        )
+    };
+    check("passed", detail, None)
+}
+
+/// Passed with the file's size; a warning when freed space cannot be given back (a file whose
+/// conversion to incremental vacuum did not happen).
+fn storage_check(size: &Result<crate::store::Size, String>) -> Check {
+    const MB: f64 = 1024.0 * 1024.0;
+    match size {
+        Err(e) => check("failed", format!("database size unreadable: {e}"), None),
+        Ok(size) if !size.incremental_vacuum => check(
+            "warning",
+            format!(
+                "database {:.1} MB, {:.1} MB free inside that cannot be given back \
+                 (auto_vacuum is not incremental)",
+                size.bytes as f64 / MB,
+                size.free_bytes as f64 / MB
+            ),
+            None,
+        ),
+        Ok(size) => check(
+            "passed",
+            format!(
+                "database {:.1} MB ({:.1} MB free inside, being given back)",
+                size.bytes as f64 / MB,
+                size.free_bytes as f64 / MB
+            ),
+            None,
+        ),
+    }
+}
+
 /// Runs every check.
 pub async fn run(state: &AppState) -> Diagnostics {
     let now = now_ms();
@@ -132,7 +213,7 @@ pub async fn run(state: &AppState) -> Diagnostics {
 
     // The probes that talk to a backing service run side by side, each bounded.
     let started = Instant::now();
-    let name = state.broker.name();
+    let name = state.broker.kind();
     let (store, broker_check, trip) = tokio::join!(
         async {
             let store = bounded("SQLite", async {
@@ -233,37 +314,32 @@ pub async fn run(state: &AppState) -> Diagnostics {
         },
     );
 
-    let config = &state.config;
-    let windows = &state.metrics.sla;
-    let report = sla::report(windows, &config.sla_thresholds, config.sla_window_s, now);
-    let components = [
-        ("agent_handoff", &report.components.agent_handoff),
-        ("workflow_execution", &report.components.workflow_execution),
-        ("session_management", &report.components.session_management),
-        ("redis_coordination", &report.components.redis_coordination),
-    ];
-    let violations: Vec<String> = components
-        .iter()
-        .flat_map(|(name, c)| c.violations.iter().map(move |v| format!("{name}.{v}")))
-        .collect();
-    checks.insert(
-        "sla_compliance".into(),
-        if violations.is_empty() {
-            check("passed", "every SLA met over the window", None)
-        } else {
-            check(
-                "warning",
-                format!("SLAs broken: {}", violations.join(", ")),
-                None,
-            )
-        },
-    );
+    let storage = bounded("storage", async {
+        state.store.size().await.map_err(|e| e.to_string())
+    })
+    .await;
+    checks.insert("storage".into(), storage_check(&storage));
+    let storage = storage.ok().map(|size| Storage {
+        database_bytes: size.bytes,
+        free_bytes: size.free_bytes,
+        purged_rows: state.metrics.purged_so_far(),
+    });
 
-    // The seed's optimisation rules, on what was measured.
+    let report = sla::current(state, now);
+    checks.insert("sla_compliance".into(), sla_check(&report));
+
+    // The seed's optimisation rules, on what was measured — each only past the minimum sample
+    // count, as the SLA judges.
+    let config = &state.config;
+    let enough = |samples: usize| samples >= config.sla_min_samples as usize;
     let since = now - i64::from(config.sla_window_s) * 1000;
-    let broker_p95 =
-        report.components.redis_coordination.measured["coordination_operation_time_ms"].as_f64();
-    if let Some(p95) = broker_p95.filter(|p| *p > 5.0) {
+    let windows = &state.metrics.sla;
+    let coordination = &report.components.redis_coordination;
+    let broker_p95 = coordination.measured["p95_broker_operation_ms"].as_f64();
+    let broker_samples = coordination.samples["p95_broker_operation_ms"].as_u64();
+    if let Some(p95) = broker_p95.filter(|p| *p > 5.0)
+        && broker_samples.is_some_and(|n| enough(n as usize))
+    {
         recommendations.push(format!(
             "Redis commands take {p95:.1} ms at p95 (over 5 ms): put Redis next to the service \
              (same host or zone) and check its load (INFO commandstats)."
@@ -274,8 +350,11 @@ pub async fn run(state: &AppState) -> Diagnostics {
             .await
             .map_err(|e| e.to_string())
     });
+    // Idle agents on a quiet system say nothing about capacity: under-use counts only once the
+    // agents have done some work in the window.
+    let worked = enough(windows.recent(Measure::StepTime, since).len());
     if let Some(utilisation) = load.await.ok().and_then(|l| l.utilisation) {
-        if utilisation < 0.6 {
+        if utilisation < 0.6 && worked {
             recommendations.push(format!(
                 "Agents use {:.0} % of their capacity (under 60 %): fewer agents, or a lower \
                  max_concurrent_tasks, would do the same work.",
@@ -290,7 +369,8 @@ pub async fn run(state: &AppState) -> Diagnostics {
         }
     }
     let efficiency = windows.recent(Measure::ParallelEfficiency, since);
-    if let Some(mean) = sla::mean(efficiency)
+    if enough(efficiency.len())
+        && let Some(mean) = sla::mean(efficiency)
         && mean < 0.7
     {
         recommendations.push(format!(
@@ -318,6 +398,7 @@ pub async fn run(state: &AppState) -> Diagnostics {
     Diagnostics {
         health_score: (100.0 * earned / total).round() as u8,
         checks,
+        storage,
         issues,
         recommendations,
         checked_at: crate::common::rfc3339(now),

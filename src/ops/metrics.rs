@@ -55,6 +55,10 @@ pub struct Metrics {
     pub broker_up: IntGauge,
     pub sessions_active: IntGauge,
     pub workflows_active: IntGaugeVec,
+    pub database_bytes: IntGauge,
+    pub database_free_bytes: IntGauge,
+    /// Rows purged past their retention, by kind (counted by the instance that purged them).
+    pub purged_rows: IntCounterVec,
     /// The SLA report's sliding windows.
     pub sla: Windows,
 }
@@ -222,9 +226,40 @@ impl Metrics {
                 "Workflow runs executing now, by pattern.",
                 &["pattern"],
             ),
+            database_bytes: single(
+                "ltmc_database_bytes",
+                "Size of the SQLite database file (page_count × page_size, WAL not included).",
+            ),
+            database_free_bytes: single(
+                "ltmc_database_free_bytes",
+                "Free pages inside the database file not yet given back to the file system.",
+            ),
+            purged_rows: counter(
+                &r,
+                "ltmc_purged_rows_total",
+                "Rows purged past their retention, by kind.",
+                &["kind"],
+            ),
             registry: r,
             sla: Windows::default(),
         }
+    }
+
+    /// Counts `rows` purged of `kind`.
+    pub fn purged(&self, kind: &str, rows: u64) {
+        self.purged_rows.with_label_values(&[kind]).inc_by(rows);
+    }
+
+    /// Rows purged so far, by kind.
+    pub fn purged_so_far(&self) -> std::collections::BTreeMap<String, u64> {
+        prometheus::core::Collector::collect(&self.purged_rows)
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| {
+                let kind = m.get_label().first().map(|l| l.value().to_owned());
+                (kind.unwrap_or_default(), m.get_counter().get_value() as u64)
+            })
+            .collect()
     }
 
     /// Counts what a committed event of this instance says happened.

@@ -59,7 +59,8 @@ pub async fn metrics_report(
 }
 
 /// SLA compliance: the thresholds (the seed's table, configurable) against this instance's
-/// measures over the sliding window (p95 latencies, success rates).
+/// measures over the sliding window (p95 latencies, success rates), each judged once it has
+/// the minimum sample count (`insufficient_data` before, which breaks no SLA).
 #[utoipa::path(get, path = "/v1/sla", tag = "operations",
     responses((status = 200, body = sla::SlaReport), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn sla_report(
@@ -67,13 +68,7 @@ pub async fn sla_report(
     who: Principal,
 ) -> Result<Json<sla::SlaReport>, Error> {
     who.require_reader()?;
-    let config = &state.config;
-    Ok(Json(sla::report(
-        &state.metrics.sla,
-        &config.sla_thresholds,
-        config.sla_window_s,
-        crate::common::now_ms(),
-    )))
+    Ok(Json(sla::current(&state, crate::common::now_ms())))
 }
 
 /// Prometheus metrics in the text exposition format (the gauges of shared state are read now).
@@ -88,6 +83,7 @@ pub async fn prometheus_metrics(State(state): State<AppState>) -> Result<Respons
     let sessions = crate::sessions::db::count_active(reader).await?;
     let executing = crate::workflows::db::count_executing(reader).await?;
     let active = state.broker.active_count(crate::common::now_ms()).await;
+    let size = state.store.size().await?;
     for known in ["queued", "claimed", "acked", "dead"] {
         let count = queues
             .iter()
@@ -96,6 +92,8 @@ pub async fn prometheus_metrics(State(state): State<AppState>) -> Result<Respons
         metrics.queue.with_label_values(&[known]).set(count);
     }
     metrics.sessions_active.set(sessions);
+    metrics.database_bytes.set(size.bytes);
+    metrics.database_free_bytes.set(size.free_bytes);
     for pattern in ["sequential", "parallel", "dependency_based", "event_driven"] {
         let count = executing
             .iter()

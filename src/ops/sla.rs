@@ -1,8 +1,12 @@
 //! SLA compliance (`GET /v1/sla`): the seed's threshold table (configurable) against what this
 //! instance measured over a sliding window — p95 latencies and success rates, per component.
-//! A measure without samples in the window is reported `null` and breaks no SLA.
+//! A measure is judged only once it has `LTMC_SLA_MIN_SAMPLES` samples in the window: before,
+//! its value is shown (`null` without any) with its sample count, and it breaks no SLA; a
+//! component none of whose measures can be judged yet is `insufficient_data` (and compliant).
+//! Measured values carry their own names (`p95_handoff_time_ms` beside the threshold
+//! `max_handoff_time_ms`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +23,7 @@ pub enum Measure {
     HandoffTime,
     /// 1 completed, 0 failed / rejected / expired.
     HandoffSuccess,
-    /// 1 an accept whose digest matched, 0 a mismatch.
+    /// Per handoff, its first digest check: 1 matched, 0 a mismatch (a retry counts no more).
     ContextPreserved,
     /// A step attempt, dispatch → result or timeout, ms.
     StepTime,
@@ -40,10 +44,15 @@ pub enum Measure {
     WorkflowDuration,
 }
 
+/// A measure taken once for a key (a handoff's id).
+type Sampled = (Measure, String);
+
 /// The sliding windows of every measure (the newest [`MAX_SAMPLES`] of each), and a count of
 /// committed state changes per second.
 pub struct Windows {
     samples: Mutex<HashMap<Measure, VecDeque<(i64, f64)>>>,
+    /// What was sampled once per key already (the newest [`MAX_SAMPLES`] keys, oldest first).
+    sampled: Mutex<(HashSet<Sampled>, VecDeque<Sampled>)>,
     /// (unix second, state changes committed in it), oldest first.
     operations: Mutex<VecDeque<(i64, u64)>>,
     started_at: i64,
@@ -53,6 +62,7 @@ impl Default for Windows {
     fn default() -> Self {
         Windows {
             samples: Mutex::default(),
+            sampled: Mutex::default(),
             operations: Mutex::default(),
             started_at: crate::common::now_ms(),
         }
@@ -96,6 +106,25 @@ impl Windows {
             window.pop_front();
         }
         window.push_back((at, value));
+    }
+
+    /// Adds a sample for `key` (a handoff, say) unless one was already taken for it: the first
+    /// verdict on a thing stands, retries add nothing.
+    pub fn record_once(&self, measure: Measure, key: &str, at: i64, value: f64) {
+        {
+            let mut sampled = self.sampled.lock().expect("sla lock");
+            let (seen, order) = &mut *sampled;
+            if !seen.insert((measure, key.to_owned())) {
+                return;
+            }
+            order.push_back((measure, key.to_owned()));
+            if order.len() > MAX_SAMPLES
+                && let Some(oldest) = order.pop_front()
+            {
+                seen.remove(&oldest);
+            }
+        }
+        self.record(measure, at, value);
     }
 
     /// The samples of `measure` since `since`, dropping older ones.
@@ -239,27 +268,52 @@ impl Thresholds {
     }
 }
 
+/// A component's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Every measure with enough samples is within its threshold.
+    Compliant,
+    /// A measure with enough samples breaks its threshold.
+    Violated,
+    /// No measure has enough samples in the window to be judged: nothing is broken.
+    InsufficientData,
+}
+
 /// One component's compliance.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ComponentCompliance {
+    /// False only when a measure with enough samples breaks its threshold.
     pub compliant: bool,
+    pub status: Verdict,
+    /// What the component covers, for people (`redis_coordination` names the broker that runs).
+    pub label: String,
+    /// `redis_coordination` only: the broker that runs, `in-process` or `redis`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
     /// The thresholds in force.
     #[schema(value_type = Object)]
     pub thresholds: Value,
-    /// What was measured over the window, by the same names (p95 for times, the share for
-    /// rates); null without samples.
+    /// What was measured over the window, each under its own name (`p95_…_ms` for times, a
+    /// share 0-1 for rates); null without samples. Shown also while too few to be judged.
     #[schema(value_type = Object)]
     pub measured: Value,
-    /// Names of the thresholds the measures break.
+    /// How many samples each measure (by the names in `measured`) has in the window.
+    #[schema(value_type = Object)]
+    pub samples: Value,
+    /// Names of the thresholds the measures break (only measures with enough samples count).
     pub violations: Vec<String>,
 }
 
 /// `GET /v1/sla`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SlaReport {
+    /// False only when some component is violated; insufficient data breaks nothing.
     pub overall_compliant: bool,
     /// The sliding window the measures cover, in seconds.
     pub window_s: u32,
+    /// Samples a measure needs in the window before it is judged.
+    pub min_samples: u32,
     pub components: Components,
     pub checked_at: String,
 }
@@ -269,134 +323,213 @@ pub struct Components {
     pub agent_handoff: ComponentCompliance,
     pub workflow_execution: ComponentCompliance,
     pub session_management: ComponentCompliance,
+    /// The broker's part (the key keeps its historical name; `broker` says which runs).
     pub redis_coordination: ComponentCompliance,
 }
 
-/// A threshold and how its measure is compared: `true` for "at most" (times), `false` for "at
-/// least" (rates).
-type Rule = (&'static str, Measure, fn(Vec<f64>) -> Option<f64>, bool);
+/// A threshold and its measure: the threshold's name, the measure's own name, the samples, how
+/// they reduce to one value, and `true` for "at most" (times), `false` for "at least" (rates).
+struct Rule {
+    threshold: &'static str,
+    measured: &'static str,
+    measure: Measure,
+    reduce: fn(Vec<f64>) -> Option<f64>,
+    at_most: bool,
+}
+
+const fn time(threshold: &'static str, measured: &'static str, measure: Measure) -> Rule {
+    Rule {
+        threshold,
+        measured,
+        measure,
+        reduce: p95,
+        at_most: true,
+    }
+}
+
+const fn rate(threshold: &'static str, measured: &'static str, measure: Measure) -> Rule {
+    Rule {
+        threshold,
+        measured,
+        measure,
+        reduce: mean,
+        at_most: false,
+    }
+}
+
+const HANDOFF: &[Rule] = &[
+    time(
+        "max_handoff_time_ms",
+        "p95_handoff_time_ms",
+        Measure::HandoffTime,
+    ),
+    rate(
+        "success_rate_threshold",
+        "handoff_success_rate",
+        Measure::HandoffSuccess,
+    ),
+    rate(
+        "context_preservation_rate",
+        "context_preserved_rate",
+        Measure::ContextPreserved,
+    ),
+];
+
+const WORKFLOW: &[Rule] = &[
+    time(
+        "step_execution_timeout_ms",
+        "p95_step_time_ms",
+        Measure::StepTime,
+    ),
+    rate(
+        "workflow_completion_rate",
+        "workflows_completed_rate",
+        Measure::WorkflowCompleted,
+    ),
+    rate(
+        "parallel_efficiency_threshold",
+        "mean_parallel_efficiency",
+        Measure::ParallelEfficiency,
+    ),
+];
+
+const SESSION: &[Rule] = &[
+    time(
+        "session_creation_time_ms",
+        "p95_session_creation_ms",
+        Measure::SessionCreate,
+    ),
+    time(
+        "session_update_time_ms",
+        "p95_session_update_ms",
+        Measure::SessionUpdate,
+    ),
+    time(
+        "session_recovery_time_ms",
+        "p95_session_recovery_ms",
+        Measure::SessionRecovery,
+    ),
+];
+
+const BROKER: &[Rule] = &[
+    time(
+        "message_delivery_time_ms",
+        "p95_message_delivery_ms",
+        Measure::MessageDelivery,
+    ),
+    time(
+        "coordination_operation_time_ms",
+        "p95_broker_operation_ms",
+        Measure::BrokerOperation,
+    ),
+    time(
+        "state_synchronization_time_ms",
+        "p95_state_sync_ms",
+        Measure::StateSync,
+    ),
+];
+
+/// What the report is computed over.
+pub struct Window {
+    pub since: i64,
+    pub min_samples: u32,
+}
 
 fn component(
     windows: &Windows,
-    since: i64,
+    window: &Window,
+    label: String,
     thresholds: &impl Serialize,
     rules: &[Rule],
 ) -> ComponentCompliance {
     let thresholds = serde_json::to_value(thresholds).unwrap_or_default();
     let mut measured = Map::new();
+    let mut samples = Map::new();
     let mut violations = Vec::new();
-    for (name, measure, reduce, at_most) in rules {
-        let value = reduce(windows.recent(*measure, since));
-        let limit = thresholds[*name].as_f64().unwrap_or(f64::NAN);
-        if let Some(value) = value {
-            let broken = if *at_most {
+    let mut judged = 0;
+    for rule in rules {
+        let values = windows.recent(rule.measure, window.since);
+        let count = values.len();
+        let value = (rule.reduce)(values);
+        let limit = thresholds[rule.threshold].as_f64().unwrap_or(f64::NAN);
+        if let Some(value) = value
+            && count >= window.min_samples as usize
+        {
+            judged += 1;
+            let broken = if rule.at_most {
                 value > limit
             } else {
                 value < limit
             };
             if broken {
-                violations.push((*name).to_owned());
+                violations.push(rule.threshold.to_owned());
             }
         }
-        measured.insert((*name).to_owned(), json!(value));
+        measured.insert(rule.measured.to_owned(), json!(value));
+        samples.insert(rule.measured.to_owned(), json!(count));
     }
+    let status = match (violations.is_empty(), judged) {
+        (false, _) => Verdict::Violated,
+        (true, 0) => Verdict::InsufficientData,
+        (true, _) => Verdict::Compliant,
+    };
     ComponentCompliance {
-        compliant: violations.is_empty(),
+        compliant: status != Verdict::Violated,
+        status,
+        label,
+        broker: None,
         thresholds,
         measured: Value::Object(measured),
+        samples: Value::Object(samples),
         violations,
     }
 }
 
-/// Compares the window's measures with the thresholds.
-pub fn report(windows: &Windows, thresholds: &Thresholds, window_s: u32, now: i64) -> SlaReport {
-    let since = now - i64::from(window_s) * 1000;
+/// Compares the window's measures that have at least `min_samples` samples with the thresholds;
+/// `broker` is the broker that runs (`in-process` or `redis`).
+pub fn report(
+    windows: &Windows,
+    thresholds: &Thresholds,
+    window_s: u32,
+    min_samples: u32,
+    broker: &str,
+    now: i64,
+) -> SlaReport {
+    let window = Window {
+        since: now - i64::from(window_s) * 1000,
+        min_samples,
+    };
+    let mut coordination = component(
+        windows,
+        &window,
+        format!("Coordination over the {broker} broker"),
+        &thresholds.redis_coordination,
+        BROKER,
+    );
+    coordination.broker = Some(broker.to_owned());
     let components = Components {
         agent_handoff: component(
             windows,
-            since,
+            &window,
+            "Agent handoff".into(),
             &thresholds.agent_handoff,
-            &[
-                ("max_handoff_time_ms", Measure::HandoffTime, p95, true),
-                (
-                    "success_rate_threshold",
-                    Measure::HandoffSuccess,
-                    mean,
-                    false,
-                ),
-                (
-                    "context_preservation_rate",
-                    Measure::ContextPreserved,
-                    mean,
-                    false,
-                ),
-            ],
+            HANDOFF,
         ),
         workflow_execution: component(
             windows,
-            since,
+            &window,
+            "Workflow execution".into(),
             &thresholds.workflow_execution,
-            &[
-                ("step_execution_timeout_ms", Measure::StepTime, p95, true),
-                (
-                    "workflow_completion_rate",
-                    Measure::WorkflowCompleted,
-                    mean,
-                    false,
-                ),
-                (
-                    "parallel_efficiency_threshold",
-                    Measure::ParallelEfficiency,
-                    mean,
-                    false,
-                ),
-            ],
+            WORKFLOW,
         ),
         session_management: component(
             windows,
-            since,
+            &window,
+            "Session management".into(),
             &thresholds.session_management,
-            &[
-                (
-                    "session_creation_time_ms",
-                    Measure::SessionCreate,
-                    p95,
-                    true,
-                ),
-                ("session_update_time_ms", Measure::SessionUpdate, p95, true),
-                (
-                    "session_recovery_time_ms",
-                    Measure::SessionRecovery,
-                    p95,
-                    true,
-                ),
-            ],
+            SESSION,
         ),
-        redis_coordination: component(
-            windows,
-            since,
-            &thresholds.redis_coordination,
-            &[
-                (
-                    "message_delivery_time_ms",
-                    Measure::MessageDelivery,
-                    p95,
-                    true,
-                ),
-                (
-                    "coordination_operation_time_ms",
-                    Measure::BrokerOperation,
-                    p95,
-                    true,
-                ),
-                (
-                    "state_synchronization_time_ms",
-                    Measure::StateSync,
-                    p95,
-                    true,
-                ),
-            ],
-        ),
+        redis_coordination: coordination,
     };
     SlaReport {
         overall_compliant: components.agent_handoff.compliant
@@ -404,9 +537,23 @@ pub fn report(windows: &Windows, thresholds: &Thresholds, window_s: u32, now: i6
             && components.session_management.compliant
             && components.redis_coordination.compliant,
         window_s,
+        min_samples,
         components,
         checked_at: crate::common::rfc3339(now),
     }
+}
+
+/// The report for this instance now, with its configuration.
+pub fn current(state: &crate::app::AppState, now: i64) -> SlaReport {
+    let config = &state.config;
+    report(
+        &state.metrics.sla,
+        &config.sla_thresholds,
+        config.sla_window_s,
+        config.sla_min_samples,
+        state.broker.kind(),
+        now,
+    )
 }
 
 #[cfg(test)]
@@ -450,16 +597,49 @@ mod tests {
         let now = 100_000;
         windows.record(Measure::SessionCreate, now, 250.0);
         windows.record(Measure::HandoffSuccess, now, 1.0);
-        let report = report(&windows, &Thresholds::default(), 300, now);
+        let report = report(&windows, &Thresholds::default(), 300, 1, "in-process", now);
         assert!(!report.overall_compliant);
-        assert_eq!(
-            report.components.session_management.violations,
-            ["session_creation_time_ms"]
-        );
+        let session = &report.components.session_management;
+        assert_eq!(session.status, Verdict::Violated);
+        assert_eq!(session.violations, ["session_creation_time_ms"]);
+        assert_eq!(session.measured["p95_session_creation_ms"], 250.0);
         assert!(report.components.agent_handoff.compliant);
+        let workflows = &report.components.workflow_execution;
+        assert_eq!(workflows.measured["workflows_completed_rate"], Value::Null);
+        assert_eq!(workflows.status, Verdict::InsufficientData);
+    }
+
+    #[test]
+    fn too_few_samples_judge_nothing() {
+        let windows = Windows::default();
+        let now = 100_000;
+        for _ in 0..19 {
+            windows.record(Measure::HandoffTime, now, 900.0);
+        }
+        let quiet = report(&windows, &Thresholds::default(), 300, 20, "redis", now);
+        let handoff = &quiet.components.agent_handoff;
+        assert!(quiet.overall_compliant);
+        assert!(handoff.compliant);
+        assert_eq!(handoff.status, Verdict::InsufficientData);
+        assert_eq!(handoff.samples["p95_handoff_time_ms"], 19);
+        assert_eq!(handoff.measured["p95_handoff_time_ms"], 900.0);
+        windows.record(Measure::HandoffTime, now, 900.0);
+        let busy = report(&windows, &Thresholds::default(), 300, 20, "redis", now);
+        assert!(!busy.overall_compliant);
+        assert_eq!(busy.components.agent_handoff.status, Verdict::Violated);
         assert_eq!(
-            report.components.workflow_execution.measured["workflow_completion_rate"],
-            Value::Null
+            busy.components.redis_coordination.broker.as_deref(),
+            Some("redis")
         );
+    }
+
+    #[test]
+    fn a_key_is_sampled_once() {
+        let windows = Windows::default();
+        windows.record_once(Measure::ContextPreserved, "h1", 1, 0.0);
+        windows.record_once(Measure::ContextPreserved, "h1", 2, 0.0);
+        windows.record_once(Measure::ContextPreserved, "h1", 3, 1.0);
+        windows.record_once(Measure::ContextPreserved, "h2", 4, 1.0);
+        assert_eq!(windows.recent(Measure::ContextPreserved, 0), vec![0.0, 1.0]);
     }
 }

@@ -21,6 +21,7 @@ mod mistakes;
 mod openapi;
 mod origins;
 mod readme;
+mod retention;
 mod sessions;
 mod streams;
 mod workflows;

@@ -170,6 +170,7 @@ both_brokers!(
                 r#"{"session_management": {"session_creation_time_ms": 0}}"#,
             )
             .unwrap();
+            c.sla_min_samples = 1;
         }))
         .await;
         for app in [&app, &strict] {
@@ -189,14 +190,15 @@ both_brokers!(
         );
         let session = &relaxed["components"]["session_management"];
         assert!(
-            session["measured"]["session_creation_time_ms"]
+            session["measured"]["p95_session_creation_ms"]
                 .as_f64()
                 .unwrap()
                 > 0.0
         );
+        assert_eq!(session["samples"]["p95_session_creation_ms"], 1);
         assert_eq!(session["thresholds"]["session_creation_time_ms"], 100.0);
         assert_eq!(
-            relaxed["components"]["workflow_execution"]["measured"]["workflow_completion_rate"],
+            relaxed["components"]["workflow_execution"]["measured"]["workflows_completed_rate"],
             json!(null)
         );
 
@@ -311,6 +313,112 @@ both_brokers!(metrics_report_reflects_what_happened, |kind| async move {
     app.stop().await;
 });
 
+/// A toy run: one handoff accepted by hand, slower than its threshold, and one whose accept
+/// came with a wrong digest twice before the right one.
+async fn toy_run(app: &TestApp) {
+    app.register("w", &["x"]).await;
+    let offer = json!({"from_agent": "boss", "to_agent": "w", "context": {"k": 1}});
+    let (_, slow) = app.post("/v1/handoffs", offer.clone()).await;
+    // Slower than the 1 ms threshold these tests configure.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let accept = format!(
+        "/v1/handoffs/{}/accept",
+        slow["handoff_id"].as_str().unwrap()
+    );
+    assert_eq!(app.post(&accept, json!({"agent_id": "w"})).await.0, 200);
+
+    let (_, retried) = app.post("/v1/handoffs", offer).await;
+    let accept = format!(
+        "/v1/handoffs/{}/accept",
+        retried["handoff_id"].as_str().unwrap()
+    );
+    let wrong = json!({"agent_id": "w", "context_digest": "0".repeat(64)});
+    for _ in 0..2 {
+        assert_eq!(app.post(&accept, wrong.clone()).await.0, 409);
+    }
+    let right = json!({"agent_id": "w", "context_digest": retried["context_digest"]});
+    assert_eq!(app.post(&accept, right).await.0, 200);
+}
+
+fn strict_handoffs(c: &mut ltmc::config::Config) {
+    c.sla_thresholds = ltmc::ops::sla::Thresholds::with_overrides(
+        r#"{"agent_handoff": {"max_handoff_time_ms": 1}}"#,
+    )
+    .unwrap();
+}
+
+// Too few samples judge nothing: the toy run stays compliant, with insufficient data, and the
+// broker's part names the broker that runs; diagnostics agree.
+both_brokers!(sla_quiet_system_has_insufficient_data, |kind| async move {
+    let app =
+        TestApp::spawn_with(crate::harness::Options::new(kind).configure(strict_handoffs)).await;
+    toy_run(&app).await;
+    let (_, sla) = app.get("/v1/sla").await;
+    assert_eq!(sla["overall_compliant"], true, "{sla}");
+    assert_eq!(sla["min_samples"], 20);
+    let handoff = &sla["components"]["agent_handoff"];
+    assert_eq!(handoff["compliant"], true, "{sla}");
+    assert_eq!(handoff["status"], "insufficient_data");
+    assert_eq!(handoff["violations"], json!([]));
+    assert!(handoff["measured"]["p95_handoff_time_ms"].as_f64().unwrap() > 1.0);
+    assert_eq!(handoff["samples"]["p95_handoff_time_ms"], 2);
+    // The mismatch counts once, however often it was retried.
+    assert_eq!(handoff["samples"]["context_preserved_rate"], 1, "{sla}");
+    assert_eq!(handoff["measured"]["context_preserved_rate"], 0.0);
+    let broker = match kind {
+        crate::harness::Kind::Memory => "in-process",
+        crate::harness::Kind::Redis => "redis",
+    };
+    let coordination = &sla["components"]["redis_coordination"];
+    assert_eq!(coordination["broker"], broker, "{sla}");
+    assert!(
+        coordination["label"].as_str().unwrap().contains(broker),
+        "{sla}"
+    );
+
+    let (_, metrics) = app.get("/v1/metrics").await;
+    assert_eq!(metrics["sla_compliance"]["overall_compliant"], true);
+    let (_, diagnostics) = app.get("/v1/diagnostics").await;
+    let check = &diagnostics["checks"]["sla_compliance"];
+    assert_eq!(check["status"], "passed", "{diagnostics}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient data"),
+        "{diagnostics}"
+    );
+    let connectivity = diagnostics["checks"]["broker_connectivity"]["detail"]
+        .as_str()
+        .unwrap();
+    assert!(connectivity.contains(broker), "{diagnostics}");
+    app.stop().await;
+});
+
+// Past the minimum sample count the verdict is computed: the same run breaks the handoff time,
+// while context preservation (one sample, the mismatch counted once) is still not judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sla_judges_past_the_minimum_samples() {
+    let app = TestApp::spawn_with(
+        crate::harness::Options::new(crate::harness::Kind::Memory).configure(|c| {
+            strict_handoffs(c);
+            c.sla_min_samples = 2;
+        }),
+    )
+    .await;
+    toy_run(&app).await;
+    let (_, sla) = app.get("/v1/sla").await;
+    assert_eq!(sla["overall_compliant"], false, "{sla}");
+    let handoff = &sla["components"]["agent_handoff"];
+    assert_eq!(handoff["status"], "violated");
+    assert_eq!(
+        handoff["violations"],
+        json!(["max_handoff_time_ms"]),
+        "{sla}"
+    );
+    app.stop().await;
+}
+
 /// Diagnostics run the real checks: all pass on a healthy service; with Redis killed the broker
 /// check fails (the report still answers, with the issue and a recommendation), and it passes
 /// again once Redis is back.
@@ -332,6 +440,7 @@ async fn diagnostics_fail_when_redis_dies_and_recover() {
         "dead_letters",
         "overdue_workflows",
         "sla_compliance",
+        "storage",
     ] {
         let check = &healthy["checks"][name];
         assert!(
