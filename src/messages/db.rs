@@ -94,7 +94,9 @@ pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
 
 /// Inserts messages (triggers log their events and skip those over a recipient's cap); answers
 /// each inserted message's id with whether its recipient is registered, read in the same
-/// statement (one primary-key probe per row, no extra round trip).
+/// statement: no extra round trip, one probe of the agent table's key per row. (Measured on
+/// 512-row inserts: `recipient IN (SELECT agent_id FROM agent)` costs nothing measurable, while
+/// the correlated `EXISTS (… WHERE agent_id = recipient)` made each row about 7× slower.)
 pub async fn insert_many(
     conn: &mut SqliteConnection,
     messages: &[Insert<'_>],
@@ -116,10 +118,7 @@ pub async fn insert_many(
                 .push_bind(m.now)
                 .push_bind(m.now);
         });
-        insert.push(
-            " RETURNING message_id,
-                        EXISTS (SELECT 1 FROM agent WHERE agent.agent_id = recipient)",
-        );
+        insert.push(" RETURNING message_id, recipient IN (SELECT agent_id FROM agent)");
         let rows: Vec<(String, bool)> = insert.build_query_as().fetch_all(&mut *conn).await?;
         inserted.extend(rows);
     }
