@@ -430,9 +430,9 @@ const BROKER: &[Rule] = &[
 ];
 
 /// What the report is computed over.
-pub struct Window {
-    pub since: i64,
-    pub min_samples: u32,
+struct Window {
+    since: i64,
+    min_samples: u32,
 }
 
 fn component(
