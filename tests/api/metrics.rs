@@ -316,6 +316,7 @@ both_brokers!(metrics_report_reflects_what_happened, |kind| async move {
 /// A toy run: one handoff accepted by hand, slower than its threshold, and one whose accept
 /// came with a wrong digest twice before the right one.
 async fn toy_run(app: &TestApp) {
+    app.register("boss", &["plan"]).await;
     app.register("w", &["x"]).await;
     let offer = json!({"from_agent": "boss", "to_agent": "w", "context": {"k": 1}});
     let (_, slow) = app.post("/v1/handoffs", offer.clone()).await;
