@@ -22,6 +22,7 @@
 //!   (idle, or a slow client's unfinished head) is closed at once rather than waited for.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -131,15 +132,13 @@ async fn connection(
             let (router, slot) = (router.clone(), slot.clone());
             async move {
                 slot.busy();
-                let response = router.oneshot(request.map(Body::new)).await;
-                // An upgraded connection is a stream now: never idle, never evicted.
-                if response
-                    .as_ref()
-                    .is_ok_and(|r| r.status() != StatusCode::SWITCHING_PROTOCOLS)
-                {
-                    slot.waiting();
+                let response = router.oneshot(request.map(Body::new)).await?;
+                // An upgraded connection is a stream now: never idle, never evicted. Any other
+                // waits for its next request once its answer has been written to the end.
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    return Ok::<_, Infallible>(response);
                 }
-                response
+                Ok(response.map(|body| Body::new(Answer { body, slot })))
             }
         })
     };
@@ -185,9 +184,11 @@ struct Waiting {
 impl Waiting {
     /// Closes the connection that has waited longest, if any waits.
     fn evict_longest_waiting(&self) {
-        // A std Mutex: held for a map operation, never across an await.
-        let longest = self.connections.lock().expect("waiting lock").pop_first();
-        if let Some((_, evicted)) = longest {
+        // A std Mutex: held for a map operation, never across an await. The token is cancelled
+        // under it, so a connection that leaves the map in `busy` (its next request arrived)
+        // is either still in it and evicted before that request, or gone and never cancelled.
+        let mut connections = self.connections.lock().expect("waiting lock");
+        if let Some((_, evicted)) = connections.pop_first() {
             evicted.cancel();
         }
     }
@@ -241,6 +242,40 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.busy();
+    }
+}
+
+/// A response body that puts its connection back among the waiting ones when it is dropped:
+/// written to the end, or abandoned with the connection. Until then the answer is in progress,
+/// so neither eviction nor shutdown cuts it short.
+struct Answer {
+    body: Body,
+    slot: Arc<Slot>,
+}
+
+impl hyper::body::Body for Answer {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.slot.waiting();
     }
 }
 
