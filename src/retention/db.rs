@@ -27,8 +27,13 @@ pub const FINISHED: &[Rule] = &[
     Rule {
         kind: "handoffs",
         table: "handoff",
+        // A session or run still going keeps its chain whole: the chain is its hop budget.
         condition: "status IN ('completed', 'failed', 'rejected', 'cancelled', 'expired')
-                    AND COALESCE(completed_at, created_at) < ?",
+                    AND COALESCE(completed_at, created_at) < ?
+                    AND (session_id IS NULL OR session_id NOT IN
+                         (SELECT session_id FROM session WHERE status = 'active'))
+                    AND (workflow_id IS NULL OR workflow_id NOT IN
+                         (SELECT workflow_id FROM workflow WHERE status = 'executing'))",
     },
     // An ended session records no end time: its last activity stands for it.
     Rule {

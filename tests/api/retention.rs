@@ -81,6 +81,13 @@ async fn finished_and_live(app: &TestApp) -> (Vec<String>, Vec<String>) {
         "session_id",
     );
     live.push(format!("/v1/sessions?status=active#{active}"));
+    // A finished handoff of a session still going stays: the chain is the session's hop budget.
+    let chained =
+        json!({"from_agent": "v", "to_agent": "w", "context": {"k": 2}, "session_id": active});
+    let in_session = id(&app.post("/v1/handoffs", chained).await.1, "handoff_id");
+    let cancel = format!("/v1/handoffs/{in_session}/cancel");
+    assert_eq!(app.post(&cancel, json!({})).await.0, 200);
+    live.push(format!("/v1/handoffs/{in_session}"));
 
     // Coordination rounds: one answered by all, one still collecting.
     let answered = id(
