@@ -24,8 +24,8 @@ pub mod messages; // durable per-agent priority queues with leases
 pub mod openapi; // the OpenAPI document
 pub mod ops; // healthz, readyz, openapi.json
 pub mod origin; // Host and WebSocket Origin checks: no web page borrows the service
-pub mod server; // accept loop: connection cap, header timeout, fd limit, back-off
 pub mod retention; // finished records purged after their retention, space given back
+pub mod server; // accept loop: connection cap, header timeout, fd limit, back-off
 pub mod sessions; // units of work with an activity log, expiring when idle
 pub mod store; // SQLite store, ordered writer
 pub mod workflows; // multi-agent workflows: four patterns, retries, timeouts, restarts

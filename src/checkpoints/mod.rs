@@ -2,7 +2,9 @@
 //! store is the truth; the broker caches each checkpoint (`cache:chk:{id}`, one hour), so a
 //! restore answers from the cache when it can (`source: cache`) and from the store otherwise
 //! (`source: store`, refilling the cache) — after a restart of the service or a FLUSHALL of
-//! Redis nothing is lost. The newest `LTMC_CHECKPOINT_RETENTION` (100) per coordination are kept.
+//! Redis nothing is lost. The newest `LTMC_CHECKPOINT_RETENTION` (100) per coordination are kept;
+//! a coordination that saved nothing for `LTMC_RETENTION_DAYS` and is not a run, session or round
+//! still going loses them all ([`crate::retention`]).
 
 pub mod db;
 pub mod routes;

@@ -3,6 +3,8 @@
 //! named agents only, once each. The round is `completed` when all have answered, `timed_out` at
 //! its deadline ([`expire_tick`]); the answer lists who is `missing` and the `conflicts` (result
 //! keys whose values differ between responses). `?wait_ms=` long-polls until the round ends.
+//! Every named agent must be registered (422 naming each one that is not). A finished round is
+//! purged after `LTMC_RETENTION_DAYS` ([`crate::retention`]).
 
 pub mod db;
 pub mod routes;

@@ -7,7 +7,9 @@
 //! `agent:{from} —hands_off_to→ agent:{to}`, a `handoff.offered` message in the addressee's queue
 //! and the `handoff.offered` notification on its stream. A chain of handoffs carrying one session
 //! or workflow longer than the hop budget is refused (422, naming the loop). An offer not
-//! accepted within `accept_timeout_s` expires ([`expire_tick`]).
+//! accepted within `accept_timeout_s` expires ([`expire_tick`]). Both agents must be registered
+//! (422 naming the one that is not). A finished handoff is purged after `LTMC_RETENTION_DAYS`,
+//! unless its session or run is still going ([`crate::retention`]).
 
 pub mod db;
 pub mod routes;

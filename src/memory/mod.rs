@@ -3,7 +3,8 @@
 //! agent:coder`), patterns pair a situation with what was done and, when known, whether it worked
 //! (`GET /v1/patterns/stats`). The service writes them itself as it works, through
 //! [`store_memory`], [`link`] and [`record_pattern`] inside the transaction of the change they
-//! describe; each write is an event on the `memory` topic.
+//! describe; each write is an event on the `memory` topic. All three are purged after
+//! `LTMC_MEMORY_RETENTION_DAYS` (0 keeps them for good; [`crate::retention`]).
 
 pub mod db;
 pub mod routes;

@@ -5,7 +5,8 @@
 //! - A lease is current while its id matches and it has not run out; ack, nack and extend under
 //!   any other lease are 409 ("lease does not match": only the current lease is kept, so an old
 //!   delivery's and one never issued look alike), so a slow consumer can never ack someone else's
-//!   delivery. A repeated ack under the lease that acked is 204.
+//!   delivery. A repeated ack under the lease that acked is 204 while the acked message is
+//!   remembered: an hour, or until `LTMC_ACKED_MAX_ROWS` newer acks push it out ([`prune_tick`]).
 //! - One claim hands the same `lease_id` to every message it returns; each message's lease still
 //!   lives, and is acked, nacked or extended, on its own.
 //! - A lease that runs out puts the message back ([`reap_tick`]); after `max_deliveries` it moves

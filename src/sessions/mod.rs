@@ -3,7 +3,8 @@
 //! record with its status, activity counter and deadline, and the activity ring — as a versioned
 //! read-through cache, see [`crate::broker::Hot`]). Each activity extends the life
 //! by `ttl_s`; a session idle past it expires ([`expire_tick`]) and takes no more activities
-//! (404). The newest 100 activities are kept.
+//! (404). The newest 100 activities are kept. An ended or expired session is purged, with its
+//! log, `LTMC_RETENTION_DAYS` after its last activity ([`crate::retention`]).
 
 pub mod db;
 pub mod routes;

@@ -4,7 +4,9 @@
 //! set of transitions inside store transactions, driven by those results, by posted events and
 //! by the timer ([`tick`]: attempt timeouts, retry backoff, steps waiting for a free agent). All
 //! state is in the store, so a restart resumes every executing run where it was, and every
-//! transition is a compare-and-set, so with several instances each happens once.
+//! transition is a compare-and-set, so with several instances each happens once. A step naming
+//! an `agent` needs it registered at submit (422); one naming a `capability` may wait for one. A
+//! finished run is purged after `LTMC_RETENTION_DAYS` ([`crate::retention`]).
 
 pub mod batch;
 pub mod db;
