@@ -344,19 +344,30 @@ fn parse_token(value: &str) -> Result<String, String> {
 /// A host name (its port dropped), `*.name` or `*`; an empty entry (an empty variable) is no entry.
 fn parse_allowed_host(value: &str) -> Result<String, String> {
     let value = value.trim();
+    let refused = || "expected host names (no scheme, no path), `*.name` or `*`".to_owned();
     if value
         .chars()
         .any(|c| c.is_whitespace() || c == '/' || c == '@')
     {
-        return Err("expected host names (no scheme, no path), `*.name` or `*`".into());
+        return Err(refused());
     }
     if value == "*" {
         return Ok(value.to_owned());
     }
-    Ok(crate::origin::host_name(value))
+    let name = crate::origin::host_name(value);
+    // A wildcard only as a whole first label, over a name: `*.` alone would read as `*`.
+    let wildcard_ok = match name.strip_prefix("*.") {
+        Some(rest) => !rest.is_empty() && !rest.contains('*'),
+        None => !name.contains('*'),
+    };
+    if !wildcard_ok {
+        return Err(refused());
+    }
+    Ok(name)
 }
 
-/// An origin, `scheme://host[:port]` with an http(s) scheme, or `*`.
+/// An origin, `scheme://host[:port]` with an http(s) scheme, or `*`. The scheme's default port
+/// is dropped, as browsers drop it from the `Origin` they send.
 fn parse_allowed_origin(value: &str) -> Result<String, String> {
     let value = value.trim().trim_end_matches('/').to_ascii_lowercase();
     let authority = value
@@ -364,7 +375,17 @@ fn parse_allowed_origin(value: &str) -> Result<String, String> {
         .or_else(|| value.strip_prefix("https://"));
     match authority {
         _ if value == "*" || value.is_empty() => Ok(value),
-        Some(a) if !a.is_empty() && !a.contains(['/', ' ', '@']) => Ok(value),
+        Some(a) if !a.is_empty() && !a.contains(['/', ' ', '@']) => {
+            let default_port = if value.starts_with("https://") {
+                ":443"
+            } else {
+                ":80"
+            };
+            Ok(value
+                .strip_suffix(default_port)
+                .unwrap_or(&value)
+                .to_owned())
+        }
         _ => Err("expected origins like https://dash.example.com[:port], or `*`".into()),
     }
 }
@@ -372,4 +393,42 @@ fn parse_allowed_origin(value: &str) -> Result<String, String> {
 fn parse_log_filter(value: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(value).map_err(|e| format!("not a log filter: {e}"))?;
     Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_hosts_take_names_and_whole_label_wildcards() {
+        assert_eq!(
+            parse_allowed_host("LTMC.example.com:8080").unwrap(),
+            "ltmc.example.com"
+        );
+        assert_eq!(
+            parse_allowed_host("*.corp.example").unwrap(),
+            "*.corp.example"
+        );
+        assert_eq!(parse_allowed_host("*").unwrap(), "*");
+        for bad in ["*.", "a.*.b", "ab*.c", "http://x", "a b"] {
+            assert!(parse_allowed_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn allowed_origins_drop_the_default_port() {
+        assert_eq!(
+            parse_allowed_origin("https://X.example:443/").unwrap(),
+            "https://x.example"
+        );
+        assert_eq!(
+            parse_allowed_origin("http://x.example:80").unwrap(),
+            "http://x.example"
+        );
+        assert_eq!(
+            parse_allowed_origin("https://x.example:8443").unwrap(),
+            "https://x.example:8443"
+        );
+        assert!(parse_allowed_origin("x.example").is_err());
+    }
 }
