@@ -8,7 +8,8 @@
 //! - At most `max_connections` connections are open, WebSocket streams included: a connection's
 //!   permit lives inside its socket, so an upgraded stream holds it until the stream closes.
 //! - At the cap, the connection that has waited longest for its next request (a slow or idle
-//!   client; never one inside a request, never an upgraded stream) is closed to make room for the
+//!   client, or one still sending a request's body; never one whose request is being handled or
+//!   answered, never an upgraded stream) is closed to make room for the
 //!   new one; only when none is waiting does accepting pause until a connection ends. So a fresh
 //!   request (`/healthz`, say) is still served while slow clients fill the cap.
 //! - The soft file-descriptor limit is raised to the hard one at start, and the cap is lowered
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -131,8 +132,16 @@ async fn connection(
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let (router, slot) = (router.clone(), slot.clone());
             async move {
-                slot.busy();
-                let response = router.oneshot(request.map(Body::new)).await?;
+                // A request whose body is still to come stays evictable until the body has
+                // arrived: a client trickling a body is as slow as one trickling its head.
+                let request = if request.body().is_end_stream() {
+                    slot.busy();
+                    request.map(Body::new)
+                } else {
+                    let slot = slot.clone();
+                    request.map(|body| Body::new(Upload { body, slot }))
+                };
+                let response = router.oneshot(request).await?;
                 // An upgraded connection is a stream now: never idle, never evicted. Any other
                 // waits for its next request once its answer has been written to the end.
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -242,6 +251,43 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.busy();
+    }
+}
+
+/// A request body that takes its connection out of the waiting ones once it has arrived (or is
+/// given up on): from then on the request is in progress.
+struct Upload {
+    body: Incoming,
+    slot: Arc<Slot>,
+}
+
+impl hyper::body::Body for Upload {
+    type Data = axum::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+            self.slot.busy();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.slot.busy();
     }
 }
 

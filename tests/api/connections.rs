@@ -117,6 +117,39 @@ async fn at_the_cap_the_longest_waiting_connection_makes_room() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_connection_trickling_a_body_makes_room_too() {
+    let app = TestApp::spawn_with(Options::new(Kind::Memory).configure(|c| {
+        c.limits.max_connections = 10;
+        c.limits.header_timeout_ms = 60_000;
+    }))
+    .await;
+    // Whole heads announcing a body, then one byte of it: each is a request not yet in progress.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST /v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                  content-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+            )
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    let health = app
+        .client
+        .get(app.url("/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("/healthz answers while slow bodies fill the cap");
+    assert_eq!(health.status(), 200);
+    // The oldest made room.
+    until_closed(&mut slow[0], Duration::from_secs(5)).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_answers_while_a_thousand_slow_clients_hold_connections() {
     let dir = tempfile::tempdir().unwrap();
     let db = crate::harness::db_path(&dir);
