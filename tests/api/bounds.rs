@@ -6,23 +6,11 @@ use serde_json::{Value, json};
 
 use crate::both_brokers;
 use crate::harness::TestApp;
-use crate::inputs::{Answer, call, problem};
+use crate::inputs::{Answer, call, problem, raw_json};
 
 /// `n` nested arrays around `1`: `[[1]]` is depth 2.
 fn nested(n: usize) -> String {
     format!("{}1{}", "[".repeat(n), "]".repeat(n))
-}
-
-async fn post_raw(app: &TestApp, path: &str, body: String) -> Answer {
-    let mut request = app
-        .client
-        .post(app.url(path))
-        .header("content-type", "application/json")
-        .body(body);
-    if let Some(token) = &app.token {
-        request = request.bearer_auth(token);
-    }
-    call(request).await
 }
 
 /// Asserts a 422 whose only error names `field`.
@@ -35,12 +23,6 @@ fn refused(answer: &Answer, field: &str, what: &str) {
         1,
         "{what}: {body}"
     );
-}
-
-async fn count(app: &TestApp, path: &str) -> usize {
-    let (status, page) = app.get(path).await;
-    assert_eq!(status, 200, "{page}");
-    page["items"].as_array().unwrap().len()
 }
 
 both_brokers!(
@@ -113,7 +95,7 @@ both_brokers!(
         for (path, template, field) in cases {
             // 63 arrays inside the object: 64 levels, accepted.
             let fits = template.replace("{}", &format!(r#"{{"k":{}}}"#, nested(63)));
-            let answer = post_raw(&app, path, fits).await;
+            let answer = raw_json(&app, path, fits).await;
             assert!(
                 (200..300).contains(&answer.status),
                 "{path} at 64 levels: {} {}",
@@ -123,7 +105,7 @@ both_brokers!(
             // One more, and far more (past serde_json's own limit of 128, and 100 000 deep).
             for depth in [64, 200, 100_000] {
                 let deep = template.replace("{}", &format!(r#"{{"k":{}}}"#, nested(depth)));
-                let answer = post_raw(&app, path, deep).await;
+                let answer = raw_json(&app, path, deep).await;
                 refused(&answer, field, &format!("{path} at {} levels", depth + 1));
                 let detail = answer.body["detail"].as_str().unwrap();
                 assert!(detail.contains("64 levels"), "{detail}");
@@ -147,13 +129,13 @@ both_brokers!(
             200
         );
         let deep_result = format!(r#"{{"result":{}}}"#, nested(65));
-        let answer = post_raw(&app, &format!("/v1/handoffs/{id}/complete"), deep_result).await;
+        let answer = raw_json(&app, &format!("/v1/handoffs/{id}/complete"), deep_result).await;
         refused(&answer, "result", "handoff result");
         let (_, round) = app
             .post("/v1/coordinations", json!({"agents": ["a"], "topic": "t"}))
             .await;
         let round = round["coordination_id"].as_str().unwrap();
-        let answer = post_raw(
+        let answer = raw_json(
             &app,
             &format!("/v1/coordinations/{round}/responses"),
             format!(
@@ -165,7 +147,7 @@ both_brokers!(
         refused(&answer, "result", "coordination result");
         let (_, session) = app.post("/v1/sessions", json!({"session_type": "t"})).await;
         let session = session["session_id"].as_str().unwrap();
-        let answer = post_raw(
+        let answer = raw_json(
             &app,
             &format!("/v1/sessions/{session}/activities"),
             format!(
@@ -190,7 +172,7 @@ both_brokers!(
             )
             .await;
         let run = run["workflow_id"].as_str().unwrap();
-        let answer = post_raw(
+        let answer = raw_json(
             &app,
             &format!("/v1/workflows/{run}/steps/s/result"),
             format!(
@@ -325,10 +307,10 @@ both_brokers!(control_characters_in_names_are_422, |kind| async move {
         refused(&answer, field, path);
     }
     // Nothing refused was stored: one agent, one memory, no session, edge or pattern.
-    assert_eq!(count(&app, "/v1/agents").await, 1);
-    assert_eq!(count(&app, "/v1/sessions").await, 0);
-    assert_eq!(count(&app, "/v1/patterns").await, 0);
-    assert_eq!(count(&app, "/v1/checkpoints?coordination_id=c").await, 0);
+    assert_eq!(app.count("/v1/agents").await, 1);
+    assert_eq!(app.count("/v1/sessions").await, 0);
+    assert_eq!(app.count("/v1/patterns").await, 0);
+    assert_eq!(app.count("/v1/checkpoints?coordination_id=c").await, 0);
     app.stop().await;
 });
 

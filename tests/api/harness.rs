@@ -291,6 +291,13 @@ impl TestApp {
         self.request(Method::GET, path, None).await
     }
 
+    /// How many items a list answers (asserting a 200).
+    pub async fn count(&self, path: &str) -> usize {
+        let (status, page) = self.get(path).await;
+        assert_eq!(status, 200, "{page}");
+        page["items"].as_array().unwrap().len()
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.request(Method::POST, path, Some(body)).await
     }

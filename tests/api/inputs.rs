@@ -96,7 +96,7 @@ fn request(app: &TestApp, method: Method, path: &str) -> RequestBuilder {
 }
 
 /// A request with a JSON content type and these exact body bytes.
-async fn raw_json(app: &TestApp, path: &str, body: impl Into<reqwest::Body>) -> Answer {
+pub async fn raw_json(app: &TestApp, path: &str, body: impl Into<reqwest::Body>) -> Answer {
     call(
         request(app, Method::POST, path)
             .header("content-type", "application/json")

@@ -31,12 +31,6 @@ fn fields(status: u16, body: &Value) -> Vec<String> {
         .collect()
 }
 
-async fn count(app: &TestApp, path: &str) -> usize {
-    let (status, page) = app.get(path).await;
-    assert_eq!(status, 200, "{page}");
-    page["items"].as_array().unwrap().len()
-}
-
 both_brokers!(
     work_for_an_unregistered_agent_is_422_naming_it,
     |kind| async move {
@@ -80,10 +74,10 @@ both_brokers!(
             .await;
         assert_eq!(fields(status, &body), ["steps[1].agent"]);
         // Nothing was created or queued by any of them.
-        assert_eq!(count(&app, "/v1/handoffs").await, 0);
-        assert_eq!(count(&app, "/v1/workflows").await, 0);
-        assert_eq!(count(&app, "/v1/agents/coder/messages").await, 0);
-        assert_eq!(count(&app, "/v1/agents/planner/messages").await, 0);
+        assert_eq!(app.count("/v1/handoffs").await, 0);
+        assert_eq!(app.count("/v1/workflows").await, 0);
+        assert_eq!(app.count("/v1/agents/coder/messages").await, 0);
+        assert_eq!(app.count("/v1/agents/planner/messages").await, 0);
 
         let (status, run) = app
             .post(
