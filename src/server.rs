@@ -9,9 +9,10 @@
 //!   permit lives inside its socket, so an upgraded stream holds it until the stream closes.
 //! - At the cap, the connection that has waited longest for its next request (a slow or idle
 //!   client, or one still sending a request's body; never one whose request is being handled or
-//!   answered, never an upgraded stream) is closed to make room for the
-//!   new one; only when none is waiting does accepting pause until a connection ends. So a fresh
-//!   request (`/healthz`, say) is still served while slow clients fill the cap.
+//!   answered, never an upgraded stream) is closed to make room for the new one. A connection
+//!   counts as waiting from its accept on. Only when none is waiting does accepting pause, looking
+//!   again every 100 ms, until a slot frees. So a fresh request (`/healthz`, say) is still served
+//!   while slow clients fill the cap.
 //! - The soft file-descriptor limit is raised to the hard one at start, and the cap is lowered
 //!   below it (keeping [`FD_RESERVE`] for the database, Redis and logs), so the cap binds before
 //!   the process runs out of descriptors.
@@ -73,7 +74,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout);
     let mut backoff = Backoff::default();
-    loop {
+    'accept: loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -90,17 +91,22 @@ pub async fn serve(
                 }
             },
         };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                waiting.evict_longest_waiting();
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                }
+        // At the cap: evict the longest waiting, and again every 100 ms while no slot frees (a
+        // connection busy now may be waiting soon).
+        let permit = loop {
+            if let Ok(permit) = permits.clone().try_acquire_owned() {
+                break permit;
+            }
+            waiting.evict_longest_waiting();
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'accept,
+                permit = permits.clone().acquire_owned() => break permit.expect("the semaphore is never closed"),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         };
+        // Waiting from its accept on, before its task first runs: evictable at once.
         let slot = Arc::new(Slot::new(waiting.clone()));
+        slot.waiting();
         connections.spawn(connection(
             Held {
                 stream,
@@ -151,7 +157,6 @@ async fn connection(
             }
         })
     };
-    slot.waiting();
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
