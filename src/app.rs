@@ -22,6 +22,7 @@ use tower_http::request_id::{
 };
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
+use crate::admission::Admission;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -49,6 +50,8 @@ pub struct AppState {
     pub engine: workflows::batch::Batcher,
     /// This instance's Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// The bound on new work waiting for the store.
+    pub admission: Arc<Admission>,
     /// Cancelled when the service stops: loops and streams select on it.
     pub shutdown: CancellationToken,
     /// Streams and loops hold a token of it, so shutdown can wait for them.
@@ -98,7 +101,12 @@ impl App {
             config.limits.max_queued_per_agent,
         );
         let (engine_batcher, engine) = workflows::batch::channel();
+        let admission = Admission::new(
+            config.limits.max_new_backlog,
+            metrics.new_work_refused.clone(),
+        );
         let state = AppState {
+            admission,
             config: Arc::new(config),
             store,
             broker,

@@ -188,6 +188,13 @@ pub struct Limits {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000), global = true)]
     pub max_connections: u32,
 
+    /// New work (messages sent, workflow steps submitted, handoffs initiated: one unit each)
+    /// admitted and waiting for the store, at most; past it new work is refused with 429 and
+    /// `Retry-After` while work already accepted finishes first.
+    #[arg(long, env = "LTMC_MAX_NEW_BACKLOG", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_new_backlog: u32,
+
     /// Event log retention in hours (the newest 1000 events are always kept).
     #[arg(long, env = "LTMC_EVENT_RETENTION_H", default_value_t = 24,
           value_parser = clap::value_parser!(u32).range(1..=24 * 365), global = true)]

@@ -36,6 +36,10 @@ pub enum Error {
     UnsupportedMediaType(String),
     #[error("{0}")]
     TooManyRequests(String),
+    /// New work refused while the store is busy finishing accepted work (429, see
+    /// [`crate::admission`]).
+    #[error("{0}")]
+    Overloaded(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("store error: {0}")]
@@ -93,7 +97,7 @@ impl Error {
             Error::Conflict(_) | Error::ConflictWith(..) => StatusCode::CONFLICT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::TooManyRequests(_) | Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(e) if store_busy(e) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(_) | Error::Migrate(_) | Error::Internal(_) => {
@@ -113,6 +117,7 @@ impl Error {
             Error::PayloadTooLarge(_) => "payload-too-large",
             Error::UnsupportedMediaType(_) => "unsupported-media-type",
             Error::TooManyRequests(_) => "too-many-requests",
+            Error::Overloaded(_) => "overloaded",
             Error::Unavailable(_) => "unavailable",
             Error::Store(e) if store_busy(e) => "unavailable",
             Error::Store(_) | Error::Migrate(_) | Error::Internal(_) => "internal",

@@ -6,6 +6,7 @@
 //! [`store`] is the truth; the [`broker`] (in-process or Redis)
 //! is the real-time layer. Start reading at [`app`].
 
+pub mod admission; // new work bounded: 429 past the backlog's bound, accepted work first
 pub mod agents; // registry: records in SQL, presence in the broker
 pub mod app; // AppState, router, run(listener, shutdown)
 pub mod auth; // tokens and who may do what
@@ -27,5 +28,5 @@ pub mod origin; // Host and WebSocket Origin checks: no web page borrows the ser
 pub mod retention; // finished records purged after their retention, space given back
 pub mod server; // accept loop: connection cap, header timeout, fd limit, back-off
 pub mod sessions; // units of work with an activity log, expiring when idle
-pub mod store; // SQLite store, ordered writer
+pub mod store; // SQLite store, ordered writer in two lanes (finishing work first)
 pub mod workflows; // multi-agent workflows: four patterns, retries, timeouts, restarts

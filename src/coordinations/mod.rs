@@ -26,6 +26,7 @@ use crate::events::NewEvent;
 use crate::events::hub::{Delivery, Interest};
 use crate::memory::{self, NewMemory};
 use crate::messages;
+use crate::store::Lane;
 use db::{ResponseRow, RoundRow};
 
 /// Longest deadline and long-poll, in milliseconds.
@@ -233,7 +234,7 @@ pub async fn respond(
     who.require_agent(&new.agent_id)?;
     let result = check_object("result", &new.result)?;
     let now = now_ms();
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.store.begin_in(Lane::Finish).await?;
     let round = db::get(tx.conn(), coordination_id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no coordination {coordination_id:?}")))?;

@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::admission::NewWork;
 use crate::agents;
 use crate::app::AppState;
 use crate::auth::Principal;
@@ -30,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::events::NewEvent;
 use crate::memory::{self, NewEdge, NewMemory};
 use crate::messages;
-use crate::store::Writer;
+use crate::store::{Lane, Writer};
 use db::HandoffRow;
 
 /// Largest context, serialized.
@@ -256,6 +257,7 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
     let now = now_ms();
     let handoff_id = new_id("hof");
 
+    let _admitted = state.admission.admit(NewWork::Handoff, 1)?;
     let mut tx = state.store.begin().await?;
     if new.session_id.is_some() || new.workflow_id.is_some() {
         let chain = db::chain(
@@ -502,7 +504,7 @@ pub async fn accept(
     handoff_id: &str,
     body: Accept,
 ) -> Result<Handoff> {
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.store.begin_in(Lane::Finish).await?;
     let h = load(&mut tx, handoff_id).await?;
     require_addressee(who, &h, Some(&body.agent_id))?;
     if let Some(digest) = &body.context_digest
@@ -553,7 +555,7 @@ pub async fn complete(
     handoff_id: &str,
     body: Complete,
 ) -> Result<Handoff> {
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.store.begin_in(Lane::Finish).await?;
     let h = load(&mut tx, handoff_id).await?;
     require_addressee(who, &h, body.agent_id.as_deref())?;
     let (to, kind) = match body.success {
@@ -574,7 +576,7 @@ pub async fn reject(
     body: Reject,
 ) -> Result<Handoff> {
     validate_text("reason", &body.reason, 1024)?;
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.store.begin_in(Lane::Finish).await?;
     let h = load(&mut tx, handoff_id).await?;
     require_addressee(who, &h, body.agent_id.as_deref())?;
     let from = h.from_agent.clone();

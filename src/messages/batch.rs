@@ -3,12 +3,16 @@
 //! SQLite has one writer, and each statement is a round trip to sqlx's worker thread, so a
 //! transaction per request caps throughput at a few thousand per second however fast SQLite is,
 //! and requests queued on the write connection's lock each wait behind every other. Instead these
-//! requests queue here and one task takes the write connection once per batch (up to
-//! [`MAX_BATCH`] requests): all sends go in as one INSERT (triggers log their events and apply the
-//! queue cap), all acks as one UPDATE, then the claims as one UPDATE (a recipient's second claim
-//! in a later one). Under light load a batch is one request and adds no wait; under heavy load
-//! batches grow and the cost per request falls. Every request gets its own answer (202, 204, 409, 429, …), sent only after its
-//! statement committed.
+//! requests queue here and one task takes the write connection once per batch: all acks go in
+//! as one UPDATE, all sends as one INSERT (triggers log their events and apply the queue cap),
+//! then the claims as one UPDATE (a recipient's second claim in a later one), so claims see the
+//! batch's sends. Acks and claims finish accepted work and sends are new work: they wait in
+//! separate queues, and a batch takes every ack and claim waiting (up to [`MAX_BATCH`]) and then
+//! sends up to [`MAX_BATCH`], no more than the messages those acks and claims can finish (see
+//! [`crate::store::intake`]). Under light load a batch is one
+//! request and adds no wait; under heavy load batches grow and the cost per request falls.
+//! Every request gets its own answer (202, 204, 409, 429, …), sent only after its statement
+//! committed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,10 +25,17 @@ use crate::broker::Broker;
 use crate::common::new_id;
 use crate::error::{Error, Result};
 use crate::ops::metrics::Metrics;
-use crate::store::{AutoCommit, Store};
+use crate::store::intake::{self, Batch, Budget, Intake};
+use crate::store::{AutoCommit, Store, Turn};
 
-/// Most requests committed together.
+/// Most requests of each queue committed together.
 pub const MAX_BATCH: usize = 512;
+
+const BUDGET: Budget = Budget {
+    finishing: MAX_BATCH,
+    new: MAX_BATCH as u64,
+    new_floor: 64,
+};
 
 /// A validated send waiting for its commit.
 pub struct SendJob {
@@ -62,10 +73,27 @@ pub enum Job {
     Claim(ClaimJob),
 }
 
+/// The jobs that finish accepted work.
+enum Finishing {
+    Ack(AckJob),
+    Claim(ClaimJob),
+}
+
+impl Finishing {
+    /// Messages it can finish: an ack one, a claim its limit.
+    fn weight(&self) -> u64 {
+        match self {
+            Finishing::Ack(_) => 1,
+            Finishing::Claim(claim) => u64::from(claim.limit),
+        }
+    }
+}
+
 /// The handle requests submit to.
 #[derive(Clone)]
 pub struct Batcher {
-    jobs: mpsc::Sender<Job>,
+    finishing: mpsc::Sender<Finishing>,
+    new: mpsc::Sender<SendJob>,
 }
 
 /// The committing side, run by [`Committer::run`].
@@ -74,7 +102,7 @@ pub struct Committer {
     broker: Broker,
     metrics: Arc<Metrics>,
     queue_cap: u32,
-    jobs: mpsc::Receiver<Job>,
+    intake: Intake<Finishing, SendJob>,
 }
 
 /// Creates the pair; the app runs the committer as a task.
@@ -84,25 +112,30 @@ pub fn channel(
     metrics: Arc<Metrics>,
     queue_cap: u32,
 ) -> (Batcher, Committer) {
-    let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
+    let (finishing, new, intake) = intake::intake(MAX_BATCH * 8, Finishing::weight, |_| 1);
     (
-        Batcher { jobs: tx },
+        Batcher { finishing, new },
         Committer {
             store,
             broker,
             metrics,
             queue_cap,
-            jobs: rx,
+            intake,
         },
     )
 }
 
 impl Batcher {
     pub async fn submit(&self, job: Job) -> Result<()> {
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| Error::Unavailable("the service is shutting down".into()))
+        let sent = match job {
+            Job::Send(job) => self.new.send(job).await.is_ok(),
+            Job::Ack(job) => self.finishing.send(Finishing::Ack(job)).await.is_ok(),
+            Job::Claim(job) => self.finishing.send(Finishing::Claim(job)).await.is_ok(),
+        };
+        if !sent {
+            return Err(Error::Unavailable("the service is shutting down".into()));
+        }
+        Ok(())
     }
 }
 
@@ -110,45 +143,44 @@ impl Committer {
     /// Commits batches until `stop` is cancelled (after the server stopped taking requests),
     /// then commits what is still queued and returns.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut jobs = Vec::with_capacity(MAX_BATCH);
         loop {
-            let received = tokio::select! {
+            tokio::select! {
                 biased;
-                n = self.jobs.recv_many(&mut jobs, MAX_BATCH) => n,
-                _ = stop.cancelled() => {
-                    self.jobs.close();
-                    while let Some(job) = self.jobs.recv().await {
-                        jobs.push(job);
-                        if jobs.len() == MAX_BATCH {
-                            self.commit(std::mem::take(&mut jobs)).await;
-                        }
-                    }
-                    self.commit(jobs).await;
+                ready = self.intake.ready() => if !ready {
                     return;
-                }
-            };
-            if received == 0 {
-                return;
+                },
+                _ = stop.cancelled() => break,
             }
-            self.commit(std::mem::take(&mut jobs)).await;
+            self.commit_next().await;
+        }
+        self.intake.close();
+        while self.intake.ready().await {
+            self.commit_next().await;
         }
     }
 
+    /// Waits for the write connection, then commits what waits by then.
+    async fn commit_next(&mut self) {
+        let store = &self.store;
+        let turn = self.intake.turn(|lane| store.turn(lane)).await;
+        let batch = self.intake.take(BUDGET);
+        self.commit(turn, batch).await;
+    }
+
     /// Commits one batch and answers every request in it.
-    async fn commit(&self, jobs: Vec<Job>) {
-        let mut sends = Vec::new();
+    async fn commit(&self, turn: Turn, batch: Batch<Finishing, SendJob>) {
+        let sends = batch.new;
         let mut acks = Vec::new();
         let mut claims = Vec::new();
-        for job in jobs {
+        for job in batch.finishing {
             match job {
-                Job::Send(s) => sends.push(s),
-                Job::Ack(a) => acks.push(a),
-                Job::Claim(c) => claims.push(c),
+                Finishing::Ack(a) => acks.push(a),
+                Finishing::Claim(c) => claims.push(c),
             }
         }
         // One turn on the write connection for the whole batch: requests queue here, not on
         // the connection's lock, where each would wait behind every other.
-        let mut conn = match self.store.autocommit().await {
+        let mut conn = match turn.autocommit().await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::error!(error = %e, "the write connection is unavailable");
@@ -159,8 +191,16 @@ impl Committer {
                 return;
             }
         };
-        // Each step answers for itself: a failed ack step must not report committed sends as
-        // failed (a client would retry them into duplicates).
+        // Each step answers for itself: a failed send step must not report committed acks as
+        // failed, nor the other way round (a client would retry them into duplicates).
+        // Acks emit no event: one autocommit statement, no transaction round trips.
+        let acked = apply_acks(&mut conn, &acks).await.map(|(answers, newly)| {
+            // Only the rows this batch moved: a repeated ack is answered 204 but counted once.
+            let metrics = &self.metrics;
+            metrics.messages.with_label_values(&["acked"]).inc_by(newly);
+            answers
+        });
+        reply_each(acks.into_iter().map(|j| j.reply), acked);
         let sent = if sends.is_empty() {
             Ok(Vec::new())
         } else {
@@ -171,18 +211,9 @@ impl Committer {
         if let Err(e) = settled {
             tracing::error!(error = %e, "could not roll back a failed send batch");
             let failed = || Error::Unavailable("the store is unavailable; retry".into());
-            reply_each(acks.into_iter().map(|j| j.reply), Err(failed()));
             reply_each(claims.into_iter().map(|j| j.reply), Err(failed()));
             return;
         }
-        // Acks emit no event: one autocommit statement, no transaction round trips.
-        let acked = apply_acks(&mut conn, &acks).await.map(|(answers, newly)| {
-            // Only the rows this batch moved: a repeated ack is answered 204 but counted once.
-            let metrics = &self.metrics;
-            metrics.messages.with_label_values(&["acked"]).inc_by(newly);
-            answers
-        });
-        reply_each(acks.into_iter().map(|j| j.reply), acked);
         // Claims last, so they see this batch's sends.
         self.apply_claims(&mut conn, claims).await;
     }

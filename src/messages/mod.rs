@@ -27,12 +27,14 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
+use crate::admission::NewWork;
 use crate::app::AppState;
 use crate::common::{
     Page, new_id, now_ms, rfc3339, validate_agent_id, validate_name, validate_text,
 };
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
+use crate::store::Lane;
 use db::MessageRow;
 
 /// A message to send.
@@ -223,6 +225,7 @@ pub async fn send(
         validate_text("Idempotency-Key", key, 256)?;
     }
 
+    let _admitted = state.admission.admit(NewWork::Message, 1)?;
     let now = now_ms();
     let online = async {
         matches!(
@@ -356,7 +359,7 @@ pub async fn nack(state: &AppState, agent_id: &str, message_id: &str, body: Nack
     let now = now_ms();
     let visible_at = now + i64::from(body.delay_s) * 1000;
     let max = state.config.limits.max_deliveries;
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.store.begin_in(Lane::Finish).await?;
     match db::nack(
         tx.conn(),
         agent_id,
@@ -391,7 +394,7 @@ pub async fn extend(
     check_visibility("visibility_timeout_s", body.visibility_timeout_s)?;
     let now = now_ms();
     let expires = now + i64::from(body.visibility_timeout_s) * 1000;
-    let mut tx = state.store.begin().await?;
+    let mut tx = state.store.begin_in(Lane::Finish).await?;
     if db::extend(
         tx.conn(),
         agent_id,

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub database_free_bytes: IntGauge,
     /// Rows purged past their retention, by kind (counted by the instance that purged them).
     pub purged_rows: IntCounterVec,
+    /// New work refused past the admission bound, by kind.
+    pub new_work_refused: IntCounterVec,
+    pub new_work_backlog: IntGauge,
+    pub new_work_backlog_limit: IntGauge,
     /// The SLA report's sliding windows.
     pub sla: Windows,
 }
@@ -239,6 +243,21 @@ impl Metrics {
                 "ltmc_purged_rows_total",
                 "Rows purged past their retention, by kind.",
                 &["kind"],
+            ),
+            new_work_refused: counter(
+                &r,
+                "ltmc_new_work_refused_total",
+                "New work refused with 429 past the admission bound, by kind.",
+                &["kind"],
+            ),
+            new_work_backlog: single(
+                "ltmc_new_work_backlog",
+                "New work admitted and waiting for the store now, in units (a message, a \
+                 workflow step, a handoff).",
+            ),
+            new_work_backlog_limit: single(
+                "ltmc_new_work_backlog_limit",
+                "The bound on ltmc_new_work_backlog (--max-new-backlog).",
             ),
             registry: r,
             sla: Windows::default(),

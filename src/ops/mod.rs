@@ -92,6 +92,12 @@ pub async fn prometheus_metrics(State(state): State<AppState>) -> Result<Respons
         metrics.queue.with_label_values(&[known]).set(count);
     }
     metrics.sessions_active.set(sessions);
+    metrics
+        .new_work_backlog
+        .set(state.admission.backlog() as i64);
+    metrics
+        .new_work_backlog_limit
+        .set(state.admission.limit() as i64);
     metrics.database_bytes.set(size.bytes);
     metrics.database_free_bytes.set(size.free_bytes);
     for pattern in ["sequential", "parallel", "dependency_based", "event_driven"] {

@@ -1,10 +1,13 @@
-//! Group commit for the engine's hot paths: submitted runs and step results. Both queue here
-//! and one task runs a batch of them (up to [`MAX_BATCH`]) in one store transaction: the new
-//! runs are inserted with their steps (one statement for all) and their first steps
-//! dispatched; then the results of distinct steps end their attempts in one compare-and-set (a
-//! result whose step did not move is refused — 404, 409 — writing nothing) and what follows
-//! runs for all of them (the barrier, the next steps, the runs' ends); the freed slots go to
-//! waiting steps once per batch. Under light load a batch is
+//! Group commit for the engine's hot paths: step results and submitted runs. Both queue here
+//! and one task runs a batch of them in one store transaction: the results of distinct steps
+//! end their attempts in one compare-and-set (a result whose step did not move is refused —
+//! 404, 409 — writing nothing) and what follows runs for all of them (the barrier, the next
+//! steps, the runs' ends); then the new runs are inserted with their steps (one statement for
+//! all) and their first steps dispatched; the freed slots go to waiting steps once per batch.
+//! Results finish accepted work and submits are new work: they wait in separate queues, and a
+//! batch takes every result waiting (up to [`MAX_BATCH`]) and then runs of up to
+//! [`MAX_NEW_STEPS`] steps in all, no more steps than it has results (see
+//! [`crate::store::intake`]). Under light load a batch is
 //! one request and adds no wait; under load the transaction's fixed costs (begin, the events'
 //! insert, commit and its pages) are shared. Each request is answered with its run as it is
 //! after the commit, read once for all the batch's requests of that run. A failure after
@@ -22,10 +25,19 @@ use super::engine::{self, Outcome};
 use super::{StepResult, Workflow, db};
 use crate::app::AppState;
 use crate::error::{Error, Result};
-use crate::store::Writer;
+use crate::store::intake::{self, Batch, Budget, Intake};
+use crate::store::{Turn, Writer};
 
-/// Most requests committed together.
+/// Most results committed together.
 pub const MAX_BATCH: usize = 256;
+/// Most steps of new runs committed together (a larger run goes alone).
+pub const MAX_NEW_STEPS: u64 = 256;
+
+const BUDGET: Budget = Budget {
+    finishing: MAX_BATCH,
+    new: MAX_NEW_STEPS,
+    new_floor: 64,
+};
 
 /// Where a request's answer goes: its run as it is after the commit, or why not.
 pub struct Reply {
@@ -56,27 +68,26 @@ pub struct StartJob {
     pub reply: Reply,
 }
 
-/// What the committer commits.
-pub enum Job {
-    Start(Box<StartJob>),
-    Result(ResultJob),
-}
-
 /// The handle requests submit to.
 #[derive(Clone)]
 pub struct Batcher {
-    jobs: mpsc::Sender<Job>,
+    results: mpsc::Sender<ResultJob>,
+    starts: mpsc::Sender<StartJob>,
 }
 
 /// The committing side, run by [`Committer::run`].
 pub struct Committer {
-    jobs: mpsc::Receiver<Job>,
+    intake: Intake<ResultJob, StartJob>,
 }
 
 /// Creates the pair; the app runs the committer as a task.
 pub fn channel() -> (Batcher, Committer) {
-    let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
-    (Batcher { jobs: tx }, Committer { jobs: rx })
+    let (results, starts, intake) = intake::intake(
+        MAX_BATCH * 8,
+        |_| 1,
+        |start: &StartJob| start.steps.len() as u64,
+    );
+    (Batcher { results, starts }, Committer { intake })
 }
 
 impl Batcher {
@@ -98,7 +109,8 @@ impl Batcher {
             def,
             reply,
         };
-        self.send(Job::Start(Box::new(job)), answer).await
+        let queued = self.starts.send(job).await.is_ok();
+        Self::answer(queued, answer).await
     }
 
     /// Queues a result and waits for its commit; answers the run.
@@ -120,21 +132,16 @@ impl Batcher {
                 tx,
             },
         };
-        self.send(Job::Result(job), answer).await
+        let queued = self.results.send(job).await.is_ok();
+        Self::answer(queued, answer).await
     }
 
-    async fn send(
-        &self,
-        job: Job,
-        answer: oneshot::Receiver<Result<Workflow>>,
-    ) -> Result<Workflow> {
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| Error::Unavailable("the service is shutting down".into()))?;
-        answer
-            .await
-            .map_err(|_| Error::Unavailable("the service is shutting down".into()))?
+    async fn answer(queued: bool, answer: oneshot::Receiver<Result<Workflow>>) -> Result<Workflow> {
+        let stopping = || Error::Unavailable("the service is shutting down".into());
+        if !queued {
+            return Err(stopping());
+        }
+        answer.await.map_err(|_| stopping())?
     }
 }
 
@@ -159,97 +166,66 @@ impl Committer {
     /// Commits batches until `stop` is cancelled (after the server stopped taking requests),
     /// then commits what is still queued and returns.
     pub async fn run(mut self, state: AppState, stop: CancellationToken) {
-        let mut jobs = Vec::with_capacity(MAX_BATCH);
         loop {
             tokio::select! {
                 biased;
-                n = self.jobs.recv_many(&mut jobs, MAX_BATCH) => {
-                    if n == 0 {
-                        return;
-                    }
-                }
-                _ = stop.cancelled() => {
-                    self.jobs.close();
-                    while let Some(job) = self.jobs.recv().await {
-                        jobs.push(job);
-                        if jobs.len() == MAX_BATCH {
-                            commit(&state, std::mem::take(&mut jobs)).await;
-                        }
-                    }
-                    commit(&state, jobs).await;
+                ready = self.intake.ready() => if !ready {
                     return;
-                }
+                },
+                _ = stop.cancelled() => break,
             }
-            commit(&state, std::mem::take(&mut jobs)).await;
+            self.commit_next(&state).await;
         }
+        self.intake.close();
+        while self.intake.ready().await {
+            self.commit_next(&state).await;
+        }
+    }
+
+    /// Waits for the write connection, then commits what waits by then.
+    async fn commit_next(&mut self, state: &AppState) {
+        let store = &state.store;
+        let turn = self.intake.turn(|lane| store.turn(lane)).await;
+        let batch = self.intake.take(BUDGET);
+        commit(state, turn, batch).await;
     }
 }
 
-/// Runs one batch in one transaction and answers each request.
-async fn commit(state: &AppState, batch: Vec<Job>) {
+/// Runs one batch in one transaction and answers each request: results first, then new runs.
+async fn commit(state: &AppState, turn: Turn, batch: Batch<ResultJob, StartJob>) {
     if batch.is_empty() {
         return;
     }
-    let (mut starts, mut jobs) = (Vec::new(), Vec::new());
-    let mut now = 0;
-    for job in batch {
-        match job {
-            Job::Start(start) => {
-                now = now.max(start.run.created_at);
-                starts.push(*start);
-            }
-            Job::Result(result) => {
-                now = now.max(result.now);
-                jobs.push(result);
-            }
-        }
-    }
-    let mut tx = match state.store.begin().await {
+    let jobs = batch.finishing;
+    let mut starts = batch.new;
+    let now = jobs
+        .iter()
+        .map(|j| j.now)
+        .chain(starts.iter().map(|s| s.run.created_at))
+        .max()
+        .unwrap_or_default();
+    let mut tx = match turn.begin().await {
         Ok(tx) => tx,
         Err(e) => return fail(replies_of(starts.into_iter(), jobs), &e),
     };
-    // A requester already gone (timed out, disconnected) was not told of a run: creating it
-    // now would make the client's retry a second one.
-    starts.retain(|start| !start.reply.tx.is_closed());
-    if let Err(e) = insert_runs(&mut tx, &starts).await {
-        drop(tx);
-        return fail(replies_of(starts.into_iter(), jobs), &e);
-    }
-    let mut accepted = Vec::with_capacity(starts.len() + jobs.len());
-    let mut started = starts.into_iter();
-    while let Some(StartJob {
-        run,
-        steps,
-        def,
-        reply,
-    }) = started.next()
-    {
-        match engine::started(&mut tx, state, &run, &def, steps, run.created_at).await {
-            Ok(()) => accepted.push(reply),
-            Err(e) => {
-                drop(tx);
-                let replies = accepted.into_iter().chain([reply]);
-                return fail(replies.chain(replies_of(started, jobs)), &e);
-            }
-        }
-    }
     // The first result for each step ends together with the others; a second one for a step
     // (a client's retry racing its first) is looked at after, on its own.
     let mut seen = HashSet::new();
     let (first, again): (Vec<ResultJob>, Vec<ResultJob>) = jobs
         .into_iter()
         .partition(|j| seen.insert((j.workflow_id.clone(), j.step_id.clone())));
-    let applied = match apply_all(&mut tx, state, first, now).await {
+    let mut accepted = match apply_all(&mut tx, state, first, now).await {
         Ok(replies) => replies,
         Err((e, replies)) => {
             drop(tx);
-            let replies = accepted.into_iter().chain(replies);
-            return fail(replies.chain(again.into_iter().map(|j| j.reply)), &e);
+            let replies = replies
+                .into_iter()
+                .chain(again.into_iter().map(|j| j.reply));
+            return fail(replies.chain(starts.into_iter().map(|s| s.reply)), &e);
         }
     };
     // Each result accepted ended a held step (or repeated one that did): its place is free.
-    let mut freed = applied.len();
-    accepted.extend(applied);
+    let mut freed = accepted.len();
     let mut again = again.into_iter();
     while let Some(job) = again.next() {
         match apply(&mut tx, state, &job).await {
@@ -263,7 +239,37 @@ async fn commit(state: &AppState, batch: Vec<Job>) {
             Err(e) => {
                 drop(tx);
                 let replies = accepted.into_iter().chain([job.reply]);
-                return fail(replies.chain(again.map(|j| j.reply)), &e);
+                let replies = replies.chain(again.map(|j| j.reply));
+                return fail(replies.chain(starts.into_iter().map(|s| s.reply)), &e);
+            }
+        }
+    }
+    // A requester already gone (timed out, disconnected) was not told of a run: creating it
+    // now would make the client's retry a second one.
+    starts.retain(|start| !start.reply.tx.is_closed());
+    if let Err(e) = insert_runs(&mut tx, &starts).await {
+        drop(tx);
+        return fail(
+            accepted
+                .into_iter()
+                .chain(replies_of(starts.into_iter(), Vec::new())),
+            &e,
+        );
+    }
+    let mut started = starts.into_iter();
+    while let Some(StartJob {
+        run,
+        steps,
+        def,
+        reply,
+    }) = started.next()
+    {
+        match engine::started(&mut tx, state, &run, &def, steps, run.created_at).await {
+            Ok(()) => accepted.push(reply),
+            Err(e) => {
+                drop(tx);
+                let replies = accepted.into_iter().chain([reply]);
+                return fail(replies.chain(started.map(|s| s.reply)), &e);
             }
         }
     }

@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::admission::NewWork;
 use crate::agents;
 use crate::app::AppState;
 use crate::common::{
@@ -182,6 +183,9 @@ pub async fn submit(state: &AppState, def: WorkflowDefinition) -> Result<Workflo
         .filter_map(|(i, s)| Some((format!("steps[{i}].agent"), s.agent.as_deref()?)))
         .collect();
     agents::require_registered(state, &named).await?;
+    let _admitted = state
+        .admission
+        .admit(NewWork::Workflow, def.steps.len() as u64)?;
     let now = now_ms();
     let workflow_id = new_id("wf");
     let index: std::collections::HashMap<&str, i64> = def

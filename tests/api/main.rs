@@ -20,6 +20,7 @@ mod metrics;
 mod mistakes;
 mod openapi;
 mod origins;
+mod overload;
 mod readme;
 mod retention;
 mod sessions;

@@ -6,7 +6,8 @@
 //!
 //! All writes go through one owned connection, held by one user at a time: a [`Writer`] (an
 //! explicit transaction) or an [`AutoCommit`] (single statements, e.g. the batches of
-//! `messages::batch`). SQLite has a single writer anyway. A `Writer` appends the events it
+//! `messages::batch`). SQLite has a single writer anyway. Users wait for it in one of two
+//! [`Lane`]s: work that finishes accepted work goes first (see [`lanes`]). A `Writer` appends the events it
 //! emitted in one statement when it commits. Every event this connection logs is
 //! also captured in a per-connection outbox (a TEMP trigger), and after each commit, still holding
 //! the connection, the outbox is drained to the broker: events leave in exactly the order of their
@@ -21,13 +22,18 @@ use sqlx::sqlite::{
     SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::Mutex;
 
 use crate::broker::Broker;
 use crate::common::now_ms;
 use crate::error::Result;
 use crate::events::{self, NewEvent};
 use crate::ops::metrics::Metrics;
+
+pub mod intake;
+pub mod lanes;
+pub use lanes::Lane;
+use lanes::{LaneGuard, LaneLock};
 
 /// WAL frames (pages) after which the background checkpoint makes the writer start the WAL over.
 const WAL_RESTART_FRAMES: i64 = 4096;
@@ -93,7 +99,7 @@ impl WriteConn {
 /// Handle to the store: cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    writer: Arc<Mutex<WriteConn>>,
+    writer: LaneLock<WriteConn>,
     /// Copies the WAL back into the database file, beside the writer (never blocking it).
     checkpointer: Arc<Mutex<SqliteConnection>>,
     read: SqlitePool,
@@ -132,11 +138,11 @@ impl Store {
             .connect_with(options.read_only(true))
             .await?;
         Ok(Store {
-            writer: Arc::new(Mutex::new(WriteConn {
+            writer: LaneLock::new(WriteConn {
                 conn,
                 in_tx: false,
                 metrics,
-            })),
+            }),
             checkpointer: Arc::new(Mutex::new(checkpointer)),
             read,
         })
@@ -153,24 +159,27 @@ impl Store {
         &self.read
     }
 
-    /// Starts a write transaction (`BEGIN IMMEDIATE`, so two instances on one file queue rather
-    /// than deadlock on a lock upgrade).
+    /// Starts a write transaction in the other lane (`BEGIN IMMEDIATE`, so two instances on one
+    /// file queue rather than deadlock on a lock upgrade).
     pub async fn begin(&self) -> Result<Writer> {
-        let mut guard = self.writer.clone().lock_owned().await;
-        guard.settle().await?;
-        guard.begin().await?;
-        Ok(Writer {
-            guard: Some(guard),
-            pending: Vec::new(),
-        })
+        self.begin_in(Lane::Other).await
+    }
+
+    /// Starts a write transaction, waiting for the connection in `lane`.
+    pub async fn begin_in(&self, lane: Lane) -> Result<Writer> {
+        self.turn(lane).await.begin().await
     }
 
     /// The write connection without a transaction: for single statements (a claim, a batch of
     /// acks, a batch of sends whose events triggers log), or a transaction of its own.
     pub async fn autocommit(&self) -> Result<AutoCommit> {
-        let mut guard = self.writer.clone().lock_owned().await;
-        guard.settle().await?;
-        Ok(AutoCommit(guard))
+        self.turn(Lane::Other).await.autocommit().await
+    }
+
+    /// Waits for the write connection in `lane`, using it for nothing yet: a waiter may give
+    /// up (drop the future) at any point without a trace.
+    pub async fn turn(&self, lane: Lane) -> Turn {
+        Turn(self.writer.lock(lane).await)
     }
 
     /// Sets the per-recipient cap the send triggers enforce.
@@ -294,8 +303,31 @@ async fn convert_to_incremental_vacuum(conn: &mut SqliteConnection, path: &str) 
     Ok(())
 }
 
+/// The write connection, held, not yet in use.
+pub struct Turn(LaneGuard<WriteConn>);
+
+impl Turn {
+    /// Starts a write transaction.
+    pub async fn begin(self) -> Result<Writer> {
+        let mut guard = self.0;
+        guard.settle().await?;
+        guard.begin().await?;
+        Ok(Writer {
+            guard: Some(guard),
+            pending: Vec::new(),
+        })
+    }
+
+    /// Uses the connection without a transaction.
+    pub async fn autocommit(self) -> Result<AutoCommit> {
+        let mut guard = self.0;
+        guard.settle().await?;
+        Ok(AutoCommit(guard))
+    }
+}
+
 /// Exclusive use of the write connection outside a [`Writer`].
-pub struct AutoCommit(OwnedMutexGuard<WriteConn>);
+pub struct AutoCommit(LaneGuard<WriteConn>);
 
 impl AutoCommit {
     /// Publishes what the statements run here logged (events written by triggers).
@@ -335,7 +367,7 @@ impl DerefMut for AutoCommit {
 /// [`Writer::commit`] rolls everything back and publishes nothing.
 pub struct Writer {
     /// Always `Some` until commit or drop.
-    guard: Option<OwnedMutexGuard<WriteConn>>,
+    guard: Option<LaneGuard<WriteConn>>,
     /// Events emitted so far, with the time of each.
     pending: Vec<(i64, NewEvent)>,
 }
