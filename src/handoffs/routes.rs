@@ -26,7 +26,8 @@ pub fn router() -> Router<AppState> {
 /// Records a memory and the graph edge `agent:{from} —hands_off_to→ agent:{to}`, queues a
 /// `handoff.offered` message for `to_agent` and notifies its stream. 422 when the session's or
 /// workflow's chain of handoffs has used up its hop budget (the detail names the chain), and
-/// when `from_agent` or `to_agent` is not registered (naming it).
+/// when `from_agent` or `to_agent` is not registered (naming it). 429 `overloaded` (with
+/// `Retry-After`) when the new work waiting for the store passes its bound: nothing recorded.
 #[utoipa::path(post, path = "/v1/handoffs", tag = "handoffs", request_body = NewHandoff,
     responses((status = 201, body = Handoff), (status = 403, body = Problem), (status = 413, body = Problem),
               (status = 422, body = Problem), (status = 429, body = Problem)))]

@@ -80,11 +80,13 @@ enum Finishing {
 }
 
 impl Finishing {
-    /// Messages it can finish: an ack one, a claim its limit.
+    /// Messages it can finish: an ack one, an auto-acking claim its limit (a plain claim
+    /// finishes nothing: the acks that follow do).
     fn weight(&self) -> u64 {
         match self {
             Finishing::Ack(_) => 1,
-            Finishing::Claim(claim) => u64::from(claim.limit),
+            Finishing::Claim(claim) if claim.auto_ack => u64::from(claim.limit),
+            Finishing::Claim(_) => 0,
         }
     }
 }

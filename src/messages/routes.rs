@@ -37,7 +37,9 @@ pub fn router() -> Router<AppState> {
 ///
 /// 202 means the message is committed to the store. With an `Idempotency-Key` header, a retry
 /// with the same key (from the same sender to the same recipient) answers the first receipt and
-/// enqueues nothing.
+/// enqueues nothing. 429 `queue full` when the recipient already has its limit of waiting
+/// messages; 429 `overloaded` when the new work waiting for the store passes its bound (work
+/// already accepted goes first). Both carry `Retry-After` and enqueue nothing.
 #[utoipa::path(post, path = "/v1/agents/{agent_id}/messages", tag = "messages",
     params(("agent_id" = String, Path, description = "The recipient"),
            ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),

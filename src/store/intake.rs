@@ -9,7 +9,7 @@
 //!
 //! New work is paced by finishing work: in a batch that finishes work, new work may cost no
 //! more than the work the batch finishes (each finishing request weighs what it can finish: a
-//! result one step, a claim its `limit` of messages), so while the store is saturated work is
+//! result one step, an ack one message, an auto-acking claim its `limit`), so while the store is saturated work is
 //! let in only as fast as it leaves, and what is accepted does not pile up in the agents'
 //! queues. A batch of new work alone takes the whole budget. The first new request always fits,
 //! so one larger than the budget still goes, alone. Under overload accepted work keeps

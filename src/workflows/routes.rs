@@ -27,10 +27,11 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Submit a workflow: validated (422 names the field, a cycle its path, a step's `agent` that is
-/// not registered), then started.
+/// not registered), then started. 429 `overloaded` (with `Retry-After`) when the new work waiting
+/// for the store passes its bound: nothing was started.
 #[utoipa::path(post, path = "/v1/workflows", tag = "workflows", request_body = WorkflowDefinition,
     responses((status = 201, body = Workflow), (status = 403, body = Problem), (status = 413, body = Problem),
-              (status = 422, body = Problem)))]
+              (status = 422, body = Problem), (status = 429, body = Problem)))]
 pub async fn submit(
     State(state): State<AppState>,
     who: Principal,
