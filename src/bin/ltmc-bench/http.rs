@@ -1,17 +1,60 @@
 //! Requests to the server that the scenarios share: JSON in and out, a
-//! non-2xx answer turned into an error named by its status and problem
+//! non-2xx answer turned into a [`Failed`] named by its status and problem
 //! title, registrations, and the claim every consumer times.
+//!
+//! A 429 or 503 with `Retry-After` is a refusal, not a failure: the server is
+//! over capacity for new work and says when to come back. Its value is read
+//! as whole seconds, at most [`MAX_RETRY_AFTER`]; anything else (an HTTP date,
+//! garbage) reads as 1 s. Only the producers' operations (`load.rs`) treat a
+//! refusal as one; everywhere else it is an error like any other.
 
 use std::error::Error;
+use std::fmt;
 use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
+use reqwest::{StatusCode, header::RETRY_AFTER};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::Bench;
 use crate::tally::Window;
+
+/// The longest `Retry-After` honoured: a run is seconds long, and a server
+/// asking for more would only leave the window idle.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Why a request did not succeed.
+pub enum Failed {
+    /// A 429 or 503 with `Retry-After`: come back after `wait`; `why` names
+    /// the status and title, for where a refusal counts as an error.
+    Refused {
+        wait: Duration,
+        why: String,
+    },
+    Error(String),
+}
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failed::Refused { why, .. } | Failed::Error(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for Failed {
+    fn from(e: String) -> Self {
+        Failed::Error(e)
+    }
+}
+
+impl From<Failed> for String {
+    fn from(e: Failed) -> Self {
+        e.to_string()
+    }
+}
 
 impl Bench {
     pub async fn health(&self) -> Result<(), String> {
@@ -23,43 +66,25 @@ impl Bench {
         }
     }
 
-    /// POSTs JSON; a non-2xx status is an error named by status and problem title.
-    pub async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response, String> {
+    /// POSTs JSON.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response, Failed> {
         let request = self.http.post(format!("{}{path}", self.base)).json(body);
-        let resp = request.send().await.map_err(|e| cause(&e))?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        let problem = resp.json::<Value>().await.unwrap_or_default();
-        match problem.get("title").and_then(Value::as_str) {
-            Some(title) if Some(title) != status.canonical_reason() => {
-                Err(format!("HTTP {status} ({title})"))
-            }
-            _ => Err(format!("HTTP {status}")),
-        }
+        checked(request.send().await.map_err(|e| cause(&e))?).await
     }
 
     pub async fn post_json<T: DeserializeOwned>(
         &self,
         path: &str,
         body: &Value,
-    ) -> Result<T, String> {
+    ) -> Result<T, Failed> {
         let resp = self.post(path, body).await?;
-        let reply = resp.json().await;
-        reply.map_err(|e| format!("bad reply: {}", cause(&e)))
+        Ok(read_json(resp).await?)
     }
 
-    pub async fn get_json(&self, path: &str) -> Result<Value, String> {
+    pub async fn get_json(&self, path: &str) -> Result<Value, Failed> {
         let request = self.http.get(format!("{}{path}", self.base));
-        let resp = request.send().await.map_err(|e| cause(&e))?;
-        match resp.status() {
-            s if s.is_success() => resp
-                .json()
-                .await
-                .map_err(|e| format!("bad reply: {}", cause(&e))),
-            s => Err(format!("HTTP {s}")),
-        }
+        let resp = checked(request.send().await.map_err(|e| cause(&e))?).await?;
+        Ok(read_json(resp).await?)
     }
 
     /// Registers the sender and agents `0..n`, `--concurrency` at a time.
@@ -108,6 +133,50 @@ impl Bench {
     }
 }
 
+/// A 2xx answer, or why not: a refusal if it is a 429 or 503 with
+/// `Retry-After`, else an error named by the status and problem title.
+async fn checked(resp: reqwest::Response) -> Result<reqwest::Response, Failed> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let busy = [
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::SERVICE_UNAVAILABLE,
+    ];
+    let wait = match busy.contains(&status) {
+        true => resp.headers().get(RETRY_AFTER).map(retry_after),
+        false => None,
+    };
+    let problem = resp.json::<Value>().await.unwrap_or_default();
+    let why = match problem.get("title").and_then(Value::as_str) {
+        Some(title) if Some(title) != status.canonical_reason() => {
+            format!("HTTP {status} ({title})")
+        }
+        _ => format!("HTTP {status}"),
+    };
+    Err(match wait {
+        Some(wait) => Failed::Refused { wait, why },
+        None => Failed::Error(why),
+    })
+}
+
+/// A `Retry-After` value as the wait it asks for (see the module doc).
+fn retry_after(value: &reqwest::header::HeaderValue) -> Duration {
+    let secs = value.to_str().map(str::trim).unwrap_or_default();
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
+        return Duration::from_secs(1);
+    }
+    // All digits: too many of them for a u64 is still "a long time".
+    let secs = secs.parse().unwrap_or(u64::MAX);
+    Duration::from_secs(secs).min(MAX_RETRY_AFTER)
+}
+
+pub async fn read_json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, String> {
+    let reply = resp.json().await;
+    reply.map_err(|e| format!("bad reply: {}", cause(&e)))
+}
+
 /// The innermost cause of an error, which names what actually went wrong.
 pub fn cause(err: &(dyn Error + 'static)) -> String {
     let mut e = err;
@@ -119,4 +188,21 @@ pub fn cause(err: &(dyn Error + 'static)) -> String {
         return "too many open files (EMFILE): raise the limit, e.g. `ulimit -n 65536`".into();
     }
     e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_whole_seconds_capped_and_else_one() {
+        let wait = |v: &str| retry_after(&reqwest::header::HeaderValue::from_str(v).unwrap());
+        assert_eq!(wait("2"), Duration::from_secs(2));
+        assert_eq!(wait(" 0 "), Duration::ZERO);
+        assert_eq!(wait("120"), MAX_RETRY_AFTER);
+        assert_eq!(wait("99999999999999999999999"), MAX_RETRY_AFTER);
+        for other in ["", "1.5", "-1", "soon", "Wed, 21 Oct 2015 07:28:00 GMT"] {
+            assert_eq!(wait(other), Duration::from_secs(1), "{other:?}");
+        }
+    }
 }

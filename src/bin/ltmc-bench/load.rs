@@ -4,6 +4,12 @@
 //! at `start + i / N`, whoever sends it, and its latency runs from that due
 //! time. Producers stop at the window's end; their last operations may run
 //! into the drain.
+//!
+//! A refused operation (see `http.rs`) counts in its row's `refused`. Open
+//! loop, it is dropped: the timetable goes on, so the offered load stays what
+//! was offered and no operation is retried before its `Retry-After`. Closed
+//! loop, the producer that was refused waits the `Retry-After` (at most until
+//! the window ends) before its next operation.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -12,7 +18,8 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
-use crate::tally::{WARMUP, Window};
+use crate::http::Failed;
+use crate::tally::{Row, WARMUP, Window};
 use crate::{Bench, DRAIN, Scenario};
 
 impl Bench {
@@ -56,12 +63,15 @@ impl Bench {
             if self.rate > 0 {
                 sleep_until(due).await;
             }
-            self.op(w, i, due).await;
+            if let (0, Some(wait)) = (self.rate, self.op(w, i, due).await) {
+                sleep_until((Instant::now() + wait).min(w.end)).await;
+            }
         }
     }
 
-    /// Operation `i` of the scenario, due at `due`, timed in its row.
-    async fn op(self: &Arc<Self>, w: Window, i: u64, due: Instant) {
+    /// Operation `i` of the scenario, due at `due`, timed in its row; returns
+    /// the wait that a refusal asks for.
+    async fn op(self: &Arc<Self>, w: Window, i: u64, due: Instant) -> Option<Duration> {
         let scenario = self.args.scenario;
         if matches!(
             scenario,
@@ -83,8 +93,27 @@ impl Bench {
             (_, true) => self.reuse(scenario, i / 2).await,
         };
         match result {
-            Ok(()) => row.done(counted, due.elapsed()),
-            Err(e) => self.fail(what, e),
+            Ok(()) => {
+                row.done(counted, due.elapsed());
+                None
+            }
+            Err(e) => self.failed(row, counted, what, e),
+        }
+    }
+
+    /// Tallies a producer's operation that did not succeed: a refusal in
+    /// `row`, returning the wait it asks for; anything else as a failure of
+    /// `what`.
+    pub fn failed(&self, row: &Row, counted: bool, what: &str, e: Failed) -> Option<Duration> {
+        match e {
+            Failed::Refused { wait, .. } => {
+                row.refuse(counted);
+                Some(wait)
+            }
+            e => {
+                self.fail(what, e);
+                None
+            }
         }
     }
 }

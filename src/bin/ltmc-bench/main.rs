@@ -29,11 +29,19 @@
 //! `notify` runs open loop at 1000/s unless told otherwise; `connections`
 //! offers no load.
 //!
-//! A row's `ok` and latencies cover operations *started* in the measured window;
-//! `errors` are those started there that failed or were unfinished when the
-//! drain ended (end-to-end, notify: accepted messages never acked or announced;
-//! open-loop sends: also messages due in the window but never sent). `rate/s`
-//! is `ok / secs`. Failures are listed by cause below the table.
+//! Refusals: new work (a send, a handoff's initiation, a workflow's submit,
+//! and the other producers' operations) that the server answers 429 or 503
+//! with `Retry-After` is refused for now, not failed: it counts in the row's
+//! `refused`. An open-loop run drops that operation and keeps its timetable;
+//! a closed-loop worker waits the `Retry-After` (whole seconds, at most 5;
+//! unreadable: 1 s) before its next operation.
+//!
+//! A row's `ok` and latencies cover operations *started* in the measured window
+//! and accepted; `refused` those started there that were refused; `errors`
+//! those started there that failed or were unfinished when the drain ended
+//! (end-to-end, notify: accepted messages never acked or announced; open-loop
+//! sends: also messages due in the window but never sent). `rate/s` is
+//! `ok / secs`. Failures are listed by cause below the table.
 //! Thousands of sockets need `ulimit -n 65536` on both sides.
 //!
 //! ```text

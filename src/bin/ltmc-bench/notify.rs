@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout};
 
+use crate::http::Failed;
 use crate::tally::{Window, header, row};
 use crate::{Bench, DRAIN, Scenario, lock};
 
@@ -85,7 +86,7 @@ impl Bench {
     }
 
     /// Hands off from agent `i` to `i + 1`; the accept follows the offer frame.
-    pub async fn initiate(self: &Arc<Self>, i: u64, counted: bool) -> Result<(), String> {
+    pub async fn initiate(self: &Arc<Self>, i: u64, counted: bool) -> Result<(), Failed> {
         let n = self.targets as u64;
         let (from, to) = (
             self.agent((i % n) as usize),
@@ -97,7 +98,9 @@ impl Bench {
         let reply: Value = self.post_json("/v1/handoffs", &body).await?;
         let field = |k| reply.get(k).and_then(Value::as_str).map(str::to_owned);
         let (Some(id), Some(digest)) = (field("handoff_id"), field("context_digest")) else {
-            return Err("bad reply: no handoff_id or context_digest".into());
+            return Err(Failed::Error(
+                "bad reply: no handoff_id or context_digest".into(),
+            ));
         };
         self.st.accepted.fetch_add(1, Relaxed);
         self.st.pending.fetch_add(1, Relaxed);

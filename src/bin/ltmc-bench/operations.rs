@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use crate::http::Failed;
 use crate::tally::{Window, header, row};
 use crate::{Bench, Scenario, lock};
 
@@ -40,18 +41,18 @@ pub async fn run(b: Arc<Bench>) -> Result<(), String> {
 impl Bench {
     /// Operation `i`, due at `due`: creates a session (kept for reuse if made
     /// in the warm-up) or saves a checkpoint (kept).
-    pub async fn create(&self, w: Window, i: u64, due: Instant) -> Result<(), String> {
+    pub async fn create(&self, w: Window, i: u64, due: Instant) -> Result<(), Failed> {
         if self.args.scenario == Scenario::Session {
             let body = json!({"session_type": "bench"});
             let reply = self.post_json("/v1/sessions", &body).await?;
-            return self.keep(&reply, "session_id", due < w.measure);
+            return Ok(self.keep(&reply, "session_id", due < w.measure)?);
         }
         let state = json!({"data": "x".repeat(self.payload)});
         let coordination_id = format!("{}c{i}", self.prefix);
         let body = json!({"coordination_id": coordination_id, "state": state,
             "agents": [], "status": "in_progress"});
         let reply = self.post_json("/v1/checkpoints", &body).await?;
-        self.keep(&reply, "checkpoint_id", true)
+        Ok(self.keep(&reply, "checkpoint_id", true)?)
     }
 
     /// Notes the id in `reply` for reuse if `keep`.
@@ -65,11 +66,12 @@ impl Bench {
     }
 
     /// Session activity or checkpoint restore on the `k`th id, round-robin.
-    pub async fn reuse(&self, scenario: Scenario, k: u64) -> Result<(), String> {
+    pub async fn reuse(&self, scenario: Scenario, k: u64) -> Result<(), Failed> {
         let id = {
             let ids = lock(&self.st.ids);
             let n = ids.len().max(1);
-            ids.get(k as usize % n).cloned().ok_or("nothing to reuse")?
+            let id = ids.get(k as usize % n).cloned();
+            id.ok_or_else(|| Failed::Error("nothing to reuse".into()))?
         };
         if scenario == Scenario::Session {
             let body = json!({"activity_type": "edit", "details": {"n": 1}});

@@ -9,7 +9,10 @@
 //!   End-to-end latency runs from the scheduled send, carried in the content,
 //!   to the completed ack. Consumers poll, backing off from 1 to 20 ms while
 //!   idle. At `--rate 0` producers may outrun consumers: use `--rate` for
-//!   end-to-end latency.
+//!   end-to-end latency. Below the table, one line sets the messages offered
+//!   per second (sends due or, closed loop, started in the window) beside
+//!   those accepted and those acked (acks started in the window), so an
+//!   overload curve reads off one run per rate.
 //!
 //! `notify` sends with [`Bench::send`] too, to random agents among its streams.
 
@@ -71,13 +74,18 @@ pub async fn run(b: Arc<Bench>) -> Result<(), String> {
         row("claim", &st.claim, secs);
         row("ack", &st.ack, secs);
         row("end-to-end", &st.e2e, secs);
+        let per_s = |n: u64| n as f64 / secs;
+        let (offered, accepted) = (per_s(st.send.started()), per_s(st.send.ok()));
+        let acked = per_s(st.ack.ok());
+        println!("load: {offered:.1} msg/s offered, {accepted:.1} accepted, {acked:.1} acked");
     }
     Ok(())
 }
 
 impl Bench {
-    /// Sends message `i`, due at `due`: round-robin (notify: to a random agent).
-    pub async fn send(self: &Arc<Self>, w: Window, i: u64, due: Instant) {
+    /// Sends message `i`, due at `due`: round-robin (notify: to a random
+    /// agent). Returns the wait that a refusal asks for.
+    pub async fn send(self: &Arc<Self>, w: Window, i: u64, due: Instant) -> Option<Duration> {
         let notify = self.args.scenario == Scenario::Notify;
         let start = Instant::now();
         // The content carries the due time in whole µs since the window's
@@ -103,8 +111,9 @@ impl Bench {
                 if notify {
                     self.meet(accepted.message_id, Seen::Sent(start, counted, Value::Null));
                 }
+                None
             }
-            Err(e) => self.fail("send", e),
+            Err(e) => self.failed(&self.st.send, counted, "send", e),
         }
     }
 

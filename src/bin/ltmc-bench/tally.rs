@@ -19,13 +19,15 @@ use crate::workflow::Dispatch;
 /// The uncounted time before the window.
 pub const WARMUP: Duration = Duration::from_secs(1);
 
-/// One table row: operations started in the measured window, and the
-/// latencies (µs) of those that succeeded.
+/// One table row: operations started in the measured window, those the
+/// server refused for now (429/503 with `Retry-After`), and the latencies (µs)
+/// of those that succeeded.
 pub struct Row(Mutex<Tally>);
 
 struct Tally {
     started: u64,
     ok: u64,
+    refused: u64,
     hist: Histogram<u64>,
 }
 
@@ -35,6 +37,7 @@ impl Default for Row {
         let tally = Tally {
             started: 0,
             ok: 0,
+            refused: 0,
             hist,
         };
         Row(Mutex::new(tally))
@@ -64,6 +67,17 @@ impl Row {
             t.ok += 1;
             t.hist.saturating_record(micros);
         }
+    }
+
+    /// A refusal: neither an error nor a latency.
+    pub fn refuse(&self, counted: bool) {
+        if counted {
+            lock(&self.0).refused += 1;
+        }
+    }
+
+    pub fn started(&self) -> u64 {
+        lock(&self.0).started
     }
 
     pub fn ok(&self) -> u64 {
@@ -149,7 +163,7 @@ pub struct Stats {
 
 pub fn header() {
     println!(
-        "measure            ok   errors     secs   rate/s   p50 ms   p99 ms  p999 ms   max ms"
+        "measure            ok   errors  refused     secs   rate/s   p50 ms   p99 ms  p999 ms   max ms"
     );
 }
 
@@ -163,7 +177,9 @@ pub fn row(name: &str, tally: &Row, secs: f64) {
         }
     };
     let q = |quantile| ms(t.hist.value_at_quantile(quantile));
-    let (ok, errors, rate) = (t.ok, t.started.saturating_sub(t.ok), t.ok as f64 / secs);
+    let (ok, refused, rate) = (t.ok, t.refused, t.ok as f64 / secs);
+    let errors = t.started.saturating_sub(ok + refused);
     let (p50, p99, p999, max) = (q(0.5), q(0.99), q(0.999), ms(t.hist.max()));
-    println!("{name:<12}{ok:>9}{errors:>9}{secs:>9.1}{rate:>9.1}{p50:>9}{p99:>9}{p999:>9}{max:>9}");
+    print!("{name:<12}{ok:>9}{errors:>9}{refused:>9}{secs:>9.1}{rate:>9.1}");
+    println!("{p50:>9}{p99:>9}{p999:>9}{max:>9}");
 }

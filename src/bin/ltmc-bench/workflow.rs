@@ -11,6 +11,12 @@
 //! `step` runs from the submit's answer to the accepted result (parallel
 //! steps); `handover` from just before a sequential step's result POST to
 //! the next step's `new_message` frame on the other agent's stream.
+//!
+//! Below the table, one line sets the workflows offered per second (submits
+//! due or, closed loop, started in the window) beside those accepted and the
+//! steps finished (results accepted in the window), so an overload curve
+//! (offered against finished) reads off one run per rate. A refused held run
+//! is not retried: its submitter waits the `Retry-After` and goes on.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::agents::Run;
-use crate::http::cause;
+use crate::http::{Failed, read_json};
 use crate::tally::{Window, header, row};
 use crate::{Bench, DRAIN, lock, mix};
 
@@ -79,6 +85,11 @@ pub async fn run(b: Arc<Bench>) -> Result<(), String> {
     row("step", &st.step, secs);
     row("handover", &st.handover, secs);
     let (answered, completed) = (st.answered.load(Relaxed), st.completed.load(Relaxed));
+    let per_s = |n: u64| n as f64 / secs;
+    let (offered, accepted) = (per_s(st.send.started()), per_s(st.send.ok()));
+    let finished = per_s(answered);
+    print!("load: {offered:.1} workflows/s offered, {accepted:.1} accepted, ");
+    println!("{finished:.1} steps/s finished");
     let (runs, rate) = (st.accepted.load(Relaxed), answered as f64 / secs);
     print!("steps: {answered} results accepted in the window, {rate:.1} steps/s end to end; ");
     println!("{completed} of {runs} workflows completed, warm-up and drain included");
@@ -110,7 +121,12 @@ impl Bench {
                     self.st.held.begin(true);
                     match self.post_json::<Run>("/v1/workflows", &body).await {
                         Ok(_) => self.st.held.done(true, t.elapsed()),
-                        Err(e) => self.fail("submit", e),
+                        // A refused run is not held: this slot waits, then goes on.
+                        Err(e) => {
+                            if let Some(wait) = self.failed(&self.st.held, true, "submit", e) {
+                                sleep(wait).await;
+                            }
+                        }
                     }
                 }
             })
@@ -152,7 +168,7 @@ impl Bench {
 
     /// Submits workflow `i`: every `--sequential-every`th sequential, alternating
     /// between two agents, the others parallel, spread over the agents.
-    pub async fn submit(&self, i: u64, counted: bool) -> Result<(), String> {
+    pub async fn submit(&self, i: u64, counted: bool) -> Result<(), Failed> {
         let n = self.targets;
         let every = self.args.sequential_every;
         let sequential = every > 0 && i % every == every - 1;
@@ -168,10 +184,7 @@ impl Bench {
         let body = json!({"name": name, "pattern": pattern, "steps": steps});
         let resp = self.post("/v1/workflows", &body).await?;
         let answered = Instant::now();
-        let run: Run = resp
-            .json()
-            .await
-            .map_err(|e| format!("bad reply: {}", cause(&e)))?;
+        let run: Run = read_json(resp).await?;
         self.st.accepted.fetch_add(1, Relaxed);
         self.st.pending.fetch_add(n_steps as i64, Relaxed);
         if !sequential {
