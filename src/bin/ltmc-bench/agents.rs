@@ -1,4 +1,4 @@
-//! Simulated agents for the workflow scenarios: agent `i` listens on its
+//! Simulated agents for the workflow scenarios (workflow, chain, fanout): agent `i` listens on its
 //! stream, claims (limit 32, auto-ack) on every `new_message` frame, again at
 //! once after a full batch and after a second without a frame, and posts every
 //! claimed step's (successful) result at once, `--concurrency` results in
@@ -6,7 +6,8 @@
 //!
 //! A sequential step's input names the agent of the next step (`next`, null
 //! for the last): the result's POST then starts a handover, which ends at that
-//! step's `new_message` frame on the next agent's stream.
+//! step's `new_message` frame on the next agent's stream. A result whose
+//! answer says the run `completed` ends the run that chain or fanout awaits.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -51,6 +52,9 @@ struct StepMessage {
 #[derive(Deserialize)]
 pub struct Run {
     pub workflow_id: String,
+    name: String,
+    /// `completed` once its last step succeeded.
+    status: String,
 }
 
 impl Bench {
@@ -78,6 +82,16 @@ impl Bench {
             self.st
                 .handover
                 .done(counted, at.saturating_duration_since(start));
+        }
+    }
+
+    /// The run named `name` completed, its result answered at `at`: ends it
+    /// if it is the one awaited (several results of a parallel run committed
+    /// together may all say so; the first one heard ends it).
+    fn finished(&self, name: &str, at: Instant) {
+        let awaited = lock(&self.st.awaited).take_if(|(awaited, _)| awaited == name);
+        if let Some((_, done)) = awaited {
+            let _ = done.send(at);
         }
     }
 
@@ -136,7 +150,7 @@ impl Bench {
         }
         self.st.result.begin(counted);
         match self.post_json::<Run>(&path, &body).await {
-            Ok(_) => {
+            Ok(after) => {
                 let at = Instant::now();
                 self.st.result.done(counted, at - t);
                 self.st.pending.fetch_sub(1, Relaxed);
@@ -147,6 +161,9 @@ impl Bench {
                     self.step_done(run, at);
                 } else if next.is_none() {
                     self.st.completed.fetch_add(1, Relaxed);
+                }
+                if after.status == "completed" {
+                    self.finished(&after.name, at);
                 }
             }
             Err(e) => {

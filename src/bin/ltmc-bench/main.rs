@@ -21,20 +21,30 @@
 //! - `workflow` (`workflow.rs`): parallel workflows and every
 //!   `--sequential-every`th a sequential one, run by simulated agents
 //!   (`agents.rs`) while `--runs-held` runs stay executing.
+//! - `chain` (`chain.rs`): one sequential workflow of `--steps` (default 50)
+//!   steps alternating between two agents, run end to end, then the next;
+//!   each run timed from its submit to its last step's result, and each
+//!   hand-over from a result to the next step's frame.
+//! - `fanout` (`fanout.rs`): one parallel workflow of `--steps` (default 100)
+//!   steps over `--agents` (default 100, one step each), then the next; each
+//!   run timed from its submit to the result that completes it (the join).
 //!
 //! Load (`load.rs`): `--concurrency` workers; at `--rate 0` each runs its
 //! operations back to back (maximum throughput), at `--rate N` they keep a
 //! fixed timetable of N/s between them (open loop) and measure latency from
 //! each *scheduled* time, so stalls are not hidden (no coordinated omission).
 //! `notify` runs open loop at 1000/s unless told otherwise; `connections`
-//! offers no load.
+//! offers no load; `chain` and `fanout` run one workflow at a time
+//! (`runs.rs`), the next submitted as soon as the last one completed.
 //!
 //! Refusals: new work (a send, a handoff's initiation, a workflow's submit,
 //! and the other producers' operations) that the server answers 429 or 503
 //! with `Retry-After` is refused for now, not failed: it counts in the row's
 //! `refused`. An open-loop run drops that operation and keeps its timetable;
-//! a closed-loop worker waits the `Retry-After` (whole seconds, at most 5;
-//! unreadable: 1 s) before its next operation.
+//! a closed-loop worker (`--rate 0`; workflow's held submits; chain, fanout)
+//! waits the `Retry-After` (whole seconds, at most 5; unreadable: 1 s) before
+//! its next operation. Elsewhere (claims, acks, results, accepts: finishing
+//! accepted work) a refusal is an error.
 //!
 //! A row's `ok` and latencies cover operations *started* in the measured window
 //! and accepted; `refused` those started there that were refused; `errors`
@@ -54,14 +64,19 @@
 //! ltmc-bench session --concurrency 32
 //! ltmc-bench checkpoint --rate 500 --payload-bytes 1048576
 //! ltmc-bench workflow --rate 200 --runs-held 2000
+//! ltmc-bench chain --steps 50
+//! ltmc-bench fanout --steps 100 --agents 100
 //! ```
 
 mod agents;
+mod chain;
 mod connections;
+mod fanout;
 mod http;
 mod load;
 mod notify;
 mod operations;
+mod runs;
 mod send;
 mod streams;
 mod tally;
@@ -105,14 +120,15 @@ struct Args {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     duration_s: u64,
     /// Offered messages (operations, workflow: workflows)/s in total, 0 = as fast as possible
-    /// [default: 0, notify: 1000].
+    /// (chain, fanout: one run at a time, no rate) [default: 0, notify: 1000].
     #[arg(long)]
     rate: Option<u64>,
-    /// HTTP requests in flight from producers; also caps acks (workflow: step
+    /// HTTP requests in flight from producers; also caps acks (workflow, chain, fanout: step
     /// results) in flight, parallel registrations and parallel stream handshakes.
     #[arg(long, default_value_t = 64, value_parser = positive())]
     concurrency: usize,
-    /// Recipient agents (send, roundtrip, handoff; workflow: simulated agents, one stream each).
+    /// Recipient agents (send, roundtrip, handoff; workflow, fanout: simulated agents, one
+    /// stream each; chain always runs two).
     #[arg(long, default_value_t = 100, value_parser = positive())]
     agents: usize,
     /// Length in bytes of each message's content string (checkpoint: state
@@ -128,9 +144,10 @@ struct Args {
     /// Pid of the server process, to report its RSS (connections).
     #[arg(long)]
     server_pid: Option<u32>,
-    /// Steps of each parallel workflow (workflow).
-    #[arg(long, default_value_t = 10, value_parser = positive())]
-    steps: usize,
+    /// Steps of each parallel workflow (workflow), of each run (chain, fanout)
+    /// [default: workflow 10, chain 50, fanout 100].
+    #[arg(long, value_parser = positive())]
+    steps: Option<usize>,
     /// Every how many workflows one is sequential, 0 = none (workflow).
     #[arg(long, default_value_t = 5)]
     sequential_every: u64,
@@ -149,6 +166,8 @@ enum Scenario {
     Session,
     Checkpoint,
     Workflow,
+    Chain,
+    Fanout,
 }
 
 /// The run's settings and shared state, one `Arc` for all its tasks.
@@ -163,6 +182,8 @@ struct Bench {
     payload: usize,
     /// Agents the load goes to: `--agents`, or `--streams` for the stream scenarios.
     targets: usize,
+    /// Steps of a workflow (workflow: of a parallel one).
+    steps: usize,
     seed: u64,
     st: Stats,
 }
@@ -189,7 +210,9 @@ impl Bench {
         // Keep as many idle connections as requests can be in flight, so that
         // connections are reused instead of churned through TIME_WAIT.
         let in_flight = match args.scenario {
-            Scenario::Roundtrip | Scenario::Workflow => 2 * args.concurrency + args.agents,
+            Scenario::Roundtrip | Scenario::Workflow | Scenario::Chain | Scenario::Fanout => {
+                2 * args.concurrency + args.agents
+            }
             Scenario::Handoff => 2 * args.concurrency,
             _ => args.concurrency,
         };
@@ -207,7 +230,14 @@ impl Bench {
             Scenario::Session | Scenario::Checkpoint => (args.rate.unwrap_or(0), args.agents),
             Scenario::Notify => (args.rate.unwrap_or(1000), args.streams.unwrap_or(1000)),
             Scenario::Connections => (0, args.streams.unwrap_or(10_000)),
+            Scenario::Chain => (0, 2),
+            Scenario::Fanout => (0, args.agents),
         };
+        let steps = args.steps.unwrap_or(match args.scenario {
+            Scenario::Chain => 50,
+            Scenario::Fanout => 100,
+            _ => 10,
+        });
         let payload = match args.scenario {
             Scenario::Checkpoint => args.payload_bytes.unwrap_or(64 * 1024),
             _ => args.payload_bytes.unwrap_or(128),
@@ -215,7 +245,10 @@ impl Bench {
         let base = args.url.trim_end_matches('/').to_owned();
         let sender = format!("{prefix}sender");
         let (seed, mut st) = (mix(now.as_nanos() as u64), Stats::default());
-        if args.scenario == Scenario::Workflow {
+        if matches!(
+            args.scenario,
+            Scenario::Workflow | Scenario::Chain | Scenario::Fanout
+        ) {
             st.wake = (0..targets).map(|_| Notify::new()).collect();
         }
         Ok(Bench {
@@ -228,6 +261,7 @@ impl Bench {
             rate,
             payload,
             targets,
+            steps,
             seed,
             st,
         })
@@ -290,6 +324,9 @@ async fn run(args: Args) -> Result<(), String> {
     let (a, name) = (&b.args, format!("{:?}", b.args.scenario).to_lowercase());
     let load = match b.rate {
         _ if a.scenario == Scenario::Connections => "idle".to_owned(),
+        _ if matches!(a.scenario, Scenario::Chain | Scenario::Fanout) => {
+            format!("one run of {} steps at a time", b.steps)
+        }
         0 => format!("max rate, concurrency {}", a.concurrency),
         r if a.scenario == Scenario::Workflow => {
             format!("{r} workflows/s, concurrency {}", a.concurrency)
@@ -307,6 +344,8 @@ async fn run(args: Args) -> Result<(), String> {
         Scenario::Session | Scenario::Checkpoint => operations::run(b.clone()).await,
         Scenario::Connections => connections::run(b.clone()).await,
         Scenario::Workflow => workflow::run(b.clone()).await,
+        Scenario::Chain => chain::run(b.clone()).await,
+        Scenario::Fanout => fanout::run(b.clone()).await,
     };
     for (what, count) in lock(&b.st.errors).iter() {
         println!("{count:>9} errors  {what}");

@@ -125,7 +125,9 @@ impl Bench {
                     Ok(frame) if frame.kind == wanted => {
                         self.st.frames.fetch_add(1, Relaxed);
                         match scenario {
-                            Scenario::Workflow => self.woken(i, frame.correlation_id, at),
+                            Scenario::Workflow | Scenario::Chain | Scenario::Fanout => {
+                                self.woken(i, frame.correlation_id, at)
+                            }
                             Scenario::Handoff => self.meet(frame.handoff_id, Seen::Frame(at)),
                             _ => self.meet(frame.message_id, Seen::Frame(at)),
                         }

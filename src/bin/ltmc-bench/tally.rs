@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::lock;
@@ -83,6 +83,12 @@ impl Row {
     pub fn ok(&self) -> u64 {
         lock(&self.0).ok
     }
+
+    pub fn median(&self) -> Option<Duration> {
+        let t = lock(&self.0);
+        let micros = (!t.hist.is_empty()).then(|| t.hist.value_at_quantile(0.5));
+        micros.map(Duration::from_micros)
+    }
 }
 
 /// Warm-up starts at `start`, the zero of message timestamps; operations
@@ -124,8 +130,8 @@ pub struct Stats {
     pub reuse: Row,
     pub claim: Row,
     pub ack: Row,
-    /// Messages acked (roundtrip), announced on their stream (notify), or
-    /// handoffs accepted (handoff).
+    /// Messages acked (roundtrip), announced on their stream (notify),
+    /// handoffs accepted (handoff), or runs completed (chain, fanout).
     pub e2e: Row,
     pub connect: Row,
     /// Number of the next message to send.
@@ -154,6 +160,9 @@ pub struct Stats {
     pub handovers: Mutex<HashMap<String, (usize, Instant, bool)>>,
     /// Workflow: one per agent, notified by its stream's `new_message` frames.
     pub wake: Vec<Notify>,
+    /// Chain, fanout: the run (by name) whose completion is awaited, and
+    /// where to send the time its completing result was answered.
+    pub awaited: Mutex<Option<(String, oneshot::Sender<Instant>)>>,
     /// Workflow: results accepted in the window; runs whose every result was
     /// accepted, warm-up and drain included.
     pub answered: AtomicU64,

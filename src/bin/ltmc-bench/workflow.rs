@@ -177,20 +177,26 @@ impl Bench {
             let pair = [first, (first + 1) % n];
             ("sequential", self.sequential(pair, SEQUENTIAL_STEPS))
         } else {
-            let first = i as usize * self.args.steps;
-            ("parallel", self.parallel(first, self.args.steps))
+            let first = i as usize * self.steps;
+            ("parallel", self.parallel(first, self.steps))
         };
         let (name, n_steps) = (format!("{}{pattern}", self.prefix), steps.len());
         let body = json!({"name": name, "pattern": pattern, "steps": steps});
-        let resp = self.post("/v1/workflows", &body).await?;
-        let answered = Instant::now();
-        let run: Run = read_json(resp).await?;
-        self.st.accepted.fetch_add(1, Relaxed);
-        self.st.pending.fetch_add(n_steps as i64, Relaxed);
+        let (run, answered) = self.submit_run(&body, n_steps).await?;
         if !sequential {
             self.dispatched(run.workflow_id, answered, counted, n_steps);
         }
         Ok(())
+    }
+
+    /// Submits the workflow `body` of `steps` steps; the run as answered, and when.
+    pub async fn submit_run(&self, body: &Value, steps: usize) -> Result<(Run, Instant), Failed> {
+        let resp = self.post("/v1/workflows", body).await?;
+        let answered = Instant::now();
+        let run: Run = read_json(resp).await?;
+        self.st.accepted.fetch_add(1, Relaxed);
+        self.st.pending.fetch_add(steps as i64, Relaxed);
+        Ok((run, answered))
     }
 
     /// `n` sequential steps alternating between the agents of `pair`, each
