@@ -10,13 +10,22 @@
 //! so no valid request is refused for good. Nothing admitted is ever dropped: the bound only
 //! decides what is let in.
 //!
+//! A refusal under overload should cost little: each new-work handler takes a [`Room`] before
+//! its body, which refuses at once while the backlog is already at its bound, before the body is
+//! read or validated (so such a refusal says nothing of the request itself: it may be invalid
+//! too); [`Admission::admit`], with the request's own units, follows validation.
+//!
 //! Each instance bounds its own backlog: it is the queue in front of its own writer.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use prometheus::IntCounterVec;
 
+use crate::app::AppState;
 use crate::error::{Error, Result};
 
 /// The kinds of new work, as the refusal counter labels them.
@@ -54,6 +63,23 @@ impl Admission {
         })
     }
 
+    fn refuse(&self, kind: NewWork, backlog: u64) -> Error {
+        self.refused.with_label_values(&[kind.label()]).inc();
+        Error::Overloaded(format!(
+            "over capacity: {backlog} units of new work already wait for the store (the bound \
+             is {}); work already accepted goes first: retry later",
+            self.limit
+        ))
+    }
+
+    /// Refuses `kind` while the backlog is at its bound (nothing could be admitted).
+    pub fn room(&self, kind: NewWork) -> Result<()> {
+        match self.backlog() {
+            backlog if backlog >= self.limit => Err(self.refuse(kind, backlog)),
+            _ => Ok(()),
+        }
+    }
+
     /// Admits `units` of new work, or refuses them (429) when the backlog would pass its bound.
     /// The backlog holds them until the ticket is dropped, once the request is answered.
     pub fn admit(self: &Arc<Self>, kind: NewWork, units: u64) -> Result<Ticket> {
@@ -67,14 +93,7 @@ impl Admission {
                 admission: self.clone(),
                 units,
             }),
-            Err(backlog) => {
-                self.refused.with_label_values(&[kind.label()]).inc();
-                Err(Error::Overloaded(format!(
-                    "over capacity: {backlog} units of new work already wait for the store \
-                     (the bound is {}); work already accepted goes first: retry later",
-                    self.limit
-                )))
-            }
+            Err(backlog) => Err(self.refuse(kind, backlog)),
         }
     }
 
@@ -86,6 +105,38 @@ impl Admission {
     /// The bound on [`Admission::backlog`].
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+}
+
+/// The kind of new work a handler takes, for [`Room`].
+pub trait Kind {
+    const WORK: NewWork;
+}
+
+/// [`Kind`]s of new work.
+pub struct Messages;
+pub struct Workflows;
+pub struct Handoffs;
+
+impl Kind for Messages {
+    const WORK: NewWork = NewWork::Message;
+}
+impl Kind for Workflows {
+    const WORK: NewWork = NewWork::Workflow;
+}
+impl Kind for Handoffs {
+    const WORK: NewWork = NewWork::Handoff;
+}
+
+/// An extractor: there is room for new work of kind `K`, else 429 before the body is read.
+pub struct Room<K>(PhantomData<K>);
+
+impl<K: Kind> FromRequestParts<AppState> for Room<K> {
+    type Rejection = Error;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self> {
+        state.admission.room(K::WORK)?;
+        Ok(Room(PhantomData))
     }
 }
 

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 
 use super::{Accept, Complete, Handoff, HandoffQuery, NewHandoff, Reject, db};
+use crate::admission::{Handoffs, Room};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::common::{Empty, Page, PageQuery};
@@ -34,6 +35,7 @@ pub fn router() -> Router<AppState> {
 pub async fn initiate(
     State(state): State<AppState>,
     who: Principal,
+    _: Room<Handoffs>,
     Json(new): Json<NewHandoff>,
 ) -> Result<(StatusCode, Json<Handoff>)> {
     Ok((

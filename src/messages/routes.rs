@@ -8,6 +8,7 @@ use axum::routing::post;
 use super::{
     Ack, ClaimRequest, Claimed, Extend, Message, MessageQuery, Nack, NewMessage, SendReceipt,
 };
+use crate::admission::{Messages, Room};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::common::{Empty, Page};
@@ -51,6 +52,7 @@ pub fn router() -> Router<AppState> {
 pub async fn send(
     State(state): State<AppState>,
     who: Principal,
+    _: Room<Messages>,
     Path(to): Path<String>,
     headers: HeaderMap,
     Json(new): Json<NewMessage>,

@@ -9,6 +9,7 @@ use axum::routing::{get, post};
 
 use super::definition::WorkflowDefinition;
 use super::{EventAccepted, StepResult, TriggerEvent, Workflow, WorkflowQuery};
+use crate::admission::{Room, Workflows};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::common::{Empty, Page};
@@ -35,6 +36,7 @@ pub fn router() -> Router<AppState> {
 pub async fn submit(
     State(state): State<AppState>,
     who: Principal,
+    _: Room<Workflows>,
     Json(def): Json<WorkflowDefinition>,
 ) -> Result<(StatusCode, Json<Workflow>)> {
     who.require_admin()?;

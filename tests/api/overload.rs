@@ -88,19 +88,30 @@ both_brokers!(
 
         // The store falls behind: nothing commits while this is held.
         let held = app.state.store.begin().await.unwrap();
-        let submits: Vec<_> = (0..4)
-            .map(|_| post(&app, "/v1/workflows", run_of(5, "worker")))
+        let submits: Vec<_> = (0..3)
+            .map(|_| post(&app, "/v1/workflows", run_of(6, "worker")))
             .collect();
-        backlog_reaches(&app, 20).await;
-        // The bound is reached: new work of any kind is refused at once, and writes nothing.
-        let (status, retry_after, body) = post(&app, "/v1/workflows", run_of(1, "worker"))
+        backlog_reaches(&app, 18).await;
+        // A run that would pass the bound is refused at once, and writes nothing; smaller new
+        // work still fits.
+        let (status, retry_after, body) = post(&app, "/v1/workflows", run_of(3, "worker"))
             .await
             .unwrap();
         assert_overloaded(status, retry_after, &body);
         let send = json!({"from": "worker", "message_type": "t", "content": {}});
+        let sends: Vec<_> = (0..2)
+            .map(|_| post(&app, "/v1/agents/worker/messages", send.clone()))
+            .collect();
+        backlog_reaches(&app, 20).await;
+        // At the bound, new work of any kind is refused before its body is even read.
         let (status, retry_after, body) = post(&app, "/v1/agents/worker/messages", send)
             .await
             .unwrap();
+        assert_overloaded(status, retry_after, &body);
+        let (status, retry_after, body) =
+            post(&app, "/v1/workflows", json!("not even a definition"))
+                .await
+                .unwrap();
         assert_overloaded(status, retry_after, &body);
         // Finishing work is not refused: it waits for the store like the submits.
         let path = format!("/v1/workflows/{first_id}/steps/s0/result");
@@ -120,9 +131,12 @@ both_brokers!(
             assert_eq!(status, 201, "nothing admitted is dropped: {run}");
             started.push(run["workflow_id"].as_str().unwrap().to_owned());
         }
+        for send in sends {
+            assert_eq!(send.await.unwrap().0, 202, "nothing admitted is dropped");
+        }
         assert_eq!(app.state.admission.backlog(), 0);
-        // The four admitted runs and the first exist; the refused one does not.
-        assert_eq!(app.count("/v1/workflows").await, 5);
+        // The three admitted runs and the first exist; the refused ones do not.
+        assert_eq!(app.count("/v1/workflows").await, 4);
 
         // In the log, the result's moves come before any of the flood's runs started.
         let mut firehose = app
@@ -141,13 +155,10 @@ both_brokers!(
                 _ => {}
             }
         }
-        assert_eq!(
-            order,
-            ["result", "started", "started", "started", "started"]
-        );
+        assert_eq!(order, ["result", "started", "started", "started"]);
         let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
         let metrics = metrics.text().await.unwrap();
-        assert!(metrics.contains("ltmc_new_work_refused_total{kind=\"workflow\"} 1"));
+        assert!(metrics.contains("ltmc_new_work_refused_total{kind=\"workflow\"} 2"));
         assert!(metrics.contains("ltmc_new_work_refused_total{kind=\"message\"} 1"));
         assert!(metrics.contains("ltmc_new_work_backlog_limit 20"));
         app.stop().await;
