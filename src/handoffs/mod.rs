@@ -402,19 +402,15 @@ pub async fn record_step_handoff(
 /// Settles a step handoff when its receiving step ends: `completed` or `failed`. A handoff that
 /// already left `accepted` is left as it is.
 pub async fn settle_step_handoff(tx: &mut Writer, handoff_id: &str, success: bool) -> Result<()> {
-    let Some(h) = db::get(tx.conn(), handoff_id).await? else {
-        return Ok(());
-    };
     let (to, kind) = if success {
         ("completed", "handoff.completed")
     } else {
         ("failed", "handoff.failed")
     };
-    let from = h.from_agent.clone();
-    match move_to(tx, h, "accepted", to, kind, &from, None).await {
-        Ok(_) | Err(Error::Conflict(_)) => Ok(()),
-        Err(e) => Err(e),
+    if let Some(h) = db::settle(tx.conn(), handoff_id, to, now_ms()).await? {
+        tx.emit(event(kind, &h, &h.from_agent));
     }
+    Ok(())
 }
 
 /// Queues the `handoff.offered` message for the addressee (429 when its queue is full).
