@@ -206,7 +206,7 @@ pub async fn list_runs(
 ) -> Result<Vec<RunRow>> {
     let sql = format!(
         "SELECT {RUN_COLUMNS} FROM workflow WHERE seq < ? AND (? IS NULL OR status = ?)
-         ORDER BY seq DESC LIMIT ?"
+         ORDER BY seq DESC {BOUND_LIMIT}"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(before)
@@ -897,13 +897,18 @@ pub async fn count_executing(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
 pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM workflow_step
     WHERE status IN ('dispatched', 'pending', 'waiting') AND due_at <= ?)";
 
+/// A LIMIT bound to a parameter, written so the statement stays prepared: SQLite (since 3.49)
+/// reads a bare `LIMIT ?`'s value for its row estimate, so every run with a newly bound value
+/// re-prepares the whole statement (a parse and a plan per run); behind a CAST it does not.
+const BOUND_LIMIT: &str = "LIMIT CAST(? AS INTEGER)";
+
 /// Steps whose `due_at` has come: dispatched attempts past their deadline, retries whose backoff
 /// is over and waiting steps due for another look for an agent.
 pub async fn due(conn: &mut SqliteConnection, now: i64, limit: u32) -> Result<Vec<StepRow>> {
     let sql = format!(
         "SELECT {STEP_COLUMNS} FROM workflow_step
          WHERE status IN ('dispatched', 'pending', 'waiting') AND due_at <= ?
-         ORDER BY due_at LIMIT ?"
+         ORDER BY due_at {BOUND_LIMIT}"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(now)
@@ -918,7 +923,7 @@ pub async fn due(conn: &mut SqliteConnection, now: i64, limit: u32) -> Result<Ve
 pub async fn waiting(conn: &mut SqliteConnection, limit: u32) -> Result<Vec<StepRow>> {
     let sql = format!(
         "SELECT {STEP_COLUMNS} FROM workflow_step WHERE status = 'waiting'
-         ORDER BY workflow_id, idx LIMIT ?"
+         ORDER BY workflow_id, idx {BOUND_LIMIT}"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(limit)
