@@ -134,6 +134,9 @@ impl Store {
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
+            // sqlx pings a connection before each checkout by default: for a file on this
+            // machine that only adds a round trip to its worker thread to every read.
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         Ok(Store {
