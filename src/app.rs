@@ -94,9 +94,11 @@ impl App {
         store
             .set_queue_cap(config.limits.max_queued_per_agent)
             .await?;
+        // The hub dispatches what is committed from here on.
+        let hub = Hub::new(events::db::latest_seq(store.reader()).await?);
         let broker = match &config.redis_url {
-            Some(url) => Broker::redis(url, &config.key_prefix, metrics.clone())?,
-            None => Broker::memory(),
+            Some(url) => Broker::redis(url, &config.key_prefix, metrics.clone(), hub.clone())?,
+            None => Broker::memory(hub.clone()),
         };
         let listener = TcpListener::bind(config.bind).await.map_err(|e| {
             Error::Internal(format!(
@@ -104,8 +106,6 @@ impl App {
                 config.bind
             ))
         })?;
-        // The hub dispatches what is committed from here on.
-        let last_seq = events::db::latest_seq(store.reader()).await?;
         let (batcher, committer) = messages::batch::channel(
             store.clone(),
             broker.clone(),
@@ -122,7 +122,7 @@ impl App {
             config: Arc::new(config),
             store,
             broker,
-            hub: Hub::new(last_seq),
+            hub,
             stream_slots: Arc::default(),
             batcher,
             engine: engine_batcher,
@@ -167,17 +167,12 @@ impl App {
         let committing_engine = tokio::spawn(engine.run(state.clone(), stop_committing.clone()));
         let stop_publishing = CancellationToken::new();
         let publishing = {
-            let (broker, hub, token) = (
-                state.broker.clone(),
-                state.hub.clone(),
-                stop_publishing.clone(),
-            );
-            tokio::spawn(async move { broker.run_publisher(hub, token).await })
+            let (broker, token) = (state.broker.clone(), stop_publishing.clone());
+            tokio::spawn(async move { broker.run_publisher(token).await })
         };
         {
             let (s, b) = (state.clone(), state.broker.clone());
-            tracker
-                .spawn(async move { b.run_subscription(s.hub.clone(), s.shutdown.clone()).await });
+            tracker.spawn(async move { b.run_subscription(s.shutdown.clone()).await });
             let s = state.clone();
             tracker.spawn(async move { background::run(s).await });
         }

@@ -1,21 +1,14 @@
 //! The in-process broker: presence in a map with deadlines, caches and hot copies in maps with
-//! expiry, pub/sub
-//! through one `tokio::sync::broadcast` channel that this instance's subscription drains into the
-//! hub.
+//! expiry; a published event goes straight to this instance's hub (there is no other instance
+//! to hear it, and the hub never waits).
 //! `std::sync::Mutex` because no lock is held across an `.await`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
-
 use super::{Hot, HotWrite, Presence};
 use crate::events::Event;
-use crate::events::hub::Hub;
-
-/// Published events the subscription may fall behind by before it must resync from the log.
-const PUBSUB_CAPACITY: usize = 1 << 16;
+use crate::events::hub::{Dispatched, Hub};
 
 #[derive(Default)]
 struct PresenceTable {
@@ -30,50 +23,22 @@ pub struct MemoryBroker {
     cache: Mutex<HashMap<String, (Arc<str>, i64)>>,
     /// key → (copy, expires_at): the versioned hot copies.
     hot: Mutex<HashMap<String, (Hot, i64)>>,
-    events: broadcast::Sender<Arc<Event>>,
-    /// Created with the broker so nothing published before the subscription task starts is lost.
-    first_receiver: Mutex<Option<broadcast::Receiver<Arc<Event>>>>,
-}
-
-impl Default for MemoryBroker {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// Where published events go.
+    hub: Arc<Hub>,
 }
 
 impl MemoryBroker {
-    pub fn new() -> Self {
-        let (events, receiver) = broadcast::channel(PUBSUB_CAPACITY);
+    pub fn new(hub: Arc<Hub>) -> Self {
         MemoryBroker {
             presence: Mutex::default(),
             cache: Mutex::default(),
             hot: Mutex::default(),
-            events,
-            first_receiver: Mutex::new(Some(receiver)),
+            hub,
         }
     }
 
     pub fn publish(&self, event: Event) {
-        // An error only means no subscription is running (shutting down): nothing to deliver to.
-        let _ = self.events.send(Arc::new(event));
-    }
-
-    pub async fn run_subscription(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
-        let taken = self.first_receiver.lock().expect("receiver lock").take();
-        let mut receiver = taken.unwrap_or_else(|| self.events.subscribe());
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                received = receiver.recv() => match received {
-                    Ok(event) => hub.dispatch(&event),
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "event fan-out fell behind; streams resync from the log");
-                        hub.resync();
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-            }
-        }
+        self.hub.dispatch(&Dispatched::new(event));
     }
 
     pub fn set_presence(&self, agent_id: &str, presence: &Presence) {

@@ -73,16 +73,17 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// The in-process broker.
-    pub fn memory() -> Broker {
-        Broker::Memory(Arc::new(memory::MemoryBroker::new()))
+    /// The in-process broker, publishing into `hub`.
+    pub fn memory(hub: Arc<Hub>) -> Broker {
+        Broker::Memory(Arc::new(memory::MemoryBroker::new(hub)))
     }
 
     /// A Redis broker; connects lazily, so start-up works while Redis is still coming up.
-    /// Its command latencies and failures are counted in `metrics`.
-    pub fn redis(url: &str, prefix: &str, metrics: Arc<Metrics>) -> Result<Broker> {
+    /// Its command latencies and failures are counted in `metrics`; every event, this
+    /// instance's and the others', reaches this instance's streams through `hub`.
+    pub fn redis(url: &str, prefix: &str, metrics: Arc<Metrics>, hub: Arc<Hub>) -> Result<Broker> {
         Ok(Broker::Redis(Arc::new(redis::RedisBroker::new(
-            url, prefix, metrics,
+            url, prefix, metrics, hub,
         )?)))
     }
 
@@ -102,8 +103,9 @@ impl Broker {
         }
     }
 
-    /// Publishes a committed event to every instance (this one included). Never waits: called
-    /// while the store's write connection is held, so events leave in `seq` order.
+    /// Publishes a committed event to every instance: to this one's streams at once (the hub),
+    /// to the others through Redis. Never waits: called while the store's write connection is
+    /// held, so events leave in `seq` order.
     pub fn publish(&self, event: Event) {
         match self {
             Broker::Memory(b) => b.publish(event),
@@ -111,20 +113,21 @@ impl Broker {
         }
     }
 
-    /// Runs this instance's one subscription until `shutdown`, dispatching into `hub`.
-    pub async fn run_subscription(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
+    /// Runs this instance's one subscription to the other instances' events until `shutdown`
+    /// (Redis; in process there are none).
+    pub async fn run_subscription(&self, shutdown: CancellationToken) {
         match self {
-            Broker::Memory(b) => b.run_subscription(hub, shutdown).await,
-            Broker::Redis(b) => b.run_subscription(hub, shutdown).await,
+            Broker::Memory(_) => {}
+            Broker::Redis(b) => b.run_subscription(shutdown).await,
         }
     }
 
-    /// Runs the publisher until `shutdown` (Redis: dispatches committed events to `hub`, then
-    /// pipelines them to PUBLISH for the other instances).
-    pub async fn run_publisher(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
+    /// Runs the publisher until `shutdown` (Redis: pipelines committed events to PUBLISH for
+    /// the other instances).
+    pub async fn run_publisher(&self, shutdown: CancellationToken) {
         match self {
             Broker::Memory(_) => {}
-            Broker::Redis(b) => b.run_publisher(hub, shutdown).await,
+            Broker::Redis(b) => b.run_publisher(shutdown).await,
         }
     }
 

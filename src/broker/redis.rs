@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Hot, HotWrite, Presence};
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::events::hub::Hub;
+use crate::events::hub::{Dispatched, Hub};
 use crate::ops::metrics::Metrics;
 
 /// Events queued for PUBLISH; beyond this the publisher is hopelessly behind (Redis down) and
@@ -176,8 +176,11 @@ pub struct RedisBroker {
     pool: deadpool_redis::Pool,
     client: redis::Client,
     prefix: String,
-    publish_tx: mpsc::Sender<Event>,
-    publish_rx: Mutex<Option<mpsc::Receiver<Event>>>,
+    /// This instance's streams: its own events as they are published, everyone else's from the
+    /// subscription.
+    hub: Arc<Hub>,
+    publish_tx: mpsc::Sender<Arc<Dispatched>>,
+    publish_rx: Mutex<Option<mpsc::Receiver<Arc<Dispatched>>>>,
     take_expired: redis::Script,
     hot_write: redis::Script,
     /// The connection commands share (see [`RedisBroker::conn`]).
@@ -193,7 +196,7 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    pub fn new(url: &str, prefix: &str, metrics: Arc<Metrics>) -> Result<Self> {
+    pub fn new(url: &str, prefix: &str, metrics: Arc<Metrics>, hub: Arc<Hub>) -> Result<Self> {
         let mut config = Config::from_url(url);
         config.pool = Some(PoolConfig {
             max_size: 32,
@@ -214,6 +217,7 @@ impl RedisBroker {
             pool,
             client,
             prefix: prefix.to_owned(),
+            hub,
             publish_tx,
             publish_rx: Mutex::new(Some(publish_rx)),
             take_expired: redis::Script::new(TAKE_EXPIRED),
@@ -301,17 +305,19 @@ impl RedisBroker {
     }
 
     pub fn publish(&self, event: Event) {
-        if let Err(mpsc::error::TrySendError::Full(event)) = self.publish_tx.try_send(event) {
+        // Local streams never wait for, or depend on, Redis: they hear of it at once.
+        let dispatched = Dispatched::new(event);
+        self.hub.dispatch(&dispatched);
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.publish_tx.try_send(dispatched) {
             tracing::warn!(
-                seq = event.seq,
+                seq = event.event.seq,
                 "publish queue full; streams will resync from the log"
             );
         }
     }
 
-    /// Hands each committed event to this instance's hub at once (local streams never wait for,
-    /// or depend on, Redis), then PUBLISHes it for the other instances, in batches.
-    pub async fn run_publisher(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
+    /// PUBLISHes this instance's committed events for the other instances, in batches.
+    pub async fn run_publisher(&self, shutdown: CancellationToken) {
         let Some(mut rx) = self.publish_rx.lock().expect("publisher lock").take() else {
             return;
         };
@@ -327,21 +333,19 @@ impl RedisBroker {
                 while let Some(event) = rx.recv().await {
                     batch.push(event);
                 }
-                batch.iter().for_each(|event| hub.dispatch(event));
                 self.publish_batch(&mut batch).await;
                 return;
             }
-            batch.iter().for_each(|event| hub.dispatch(event));
             self.publish_batch(&mut batch).await;
         }
     }
 
-    async fn publish_batch(&self, batch: &mut Vec<Event>) {
+    async fn publish_batch(&self, batch: &mut Vec<Arc<Dispatched>>) {
         if batch.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
-        for event in batch.iter() {
+        for event in batch.iter().map(|d| &d.event) {
             let channel = self.key(&format!("ev:{}:{}", self.instance, event.topic));
             match serde_json::to_string(event) {
                 Ok(payload) => {
@@ -363,7 +367,8 @@ impl RedisBroker {
         batch.clear();
     }
 
-    pub async fn run_subscription(&self, hub: Arc<Hub>, shutdown: CancellationToken) {
+    pub async fn run_subscription(&self, shutdown: CancellationToken) {
+        let hub = &self.hub;
         let pattern = self.key("ev:*");
         let own = self.key(&format!("ev:{}:", self.instance));
         let mut backoff = Duration::from_millis(50);
@@ -409,7 +414,7 @@ impl RedisBroker {
                                     Some(message) if message.get_channel_name().starts_with(&own) => {}
                                     Some(message) => {
                                         match serde_json::from_slice::<Event>(message.get_payload_bytes()) {
-                                            Ok(event) => hub.dispatch(&event),
+                                            Ok(event) => hub.dispatch(&Dispatched::new(event)),
                                             Err(e) => tracing::warn!(error = %e, "ignoring a malformed event"),
                                         }
                                     }

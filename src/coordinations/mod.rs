@@ -364,7 +364,9 @@ pub async fn get(
         let wake = give_up.min(tokio::time::Instant::now() + until_deadline);
         tokio::select! {
             delivery = events.rx.recv() => match delivery {
-                Some(Delivery::Frame { text, .. }) if !text.contains(coordination_id) => continue,
+                Some(Delivery::Frame(event)) if !event.firehose_frame().contains(coordination_id) => {
+                    continue;
+                }
                 Some(_) => {}
                 // Dropped by the hub (a burst): fall back to waiting out the time.
                 None => tokio::time::sleep_until(wake).await,

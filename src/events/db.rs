@@ -22,18 +22,65 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
 /// caller's transaction); they are published after the commit.
 pub async fn append(conn: &mut SqliteConnection, events: &[(i64, NewEvent)]) -> Result<()> {
     for chunk in events.chunks(1000) {
-        let mut insert =
-            sqlx::QueryBuilder::new("INSERT INTO event (topic, type, agent_id, at, data) ");
-        insert.push_values(chunk, |mut row, (at, event)| {
+        let mut query = sqlx::QueryBuilder::new("");
+        push_append(&mut query, chunk);
+        query.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Pushes the INSERTs of [`append`], each ended by `;`.
+fn push_append(query: &mut sqlx::QueryBuilder<sqlx::Sqlite>, events: &[(i64, NewEvent)]) {
+    for chunk in events.chunks(1000) {
+        query.push("INSERT INTO event (topic, type, agent_id, at, data) ");
+        query.push_values(chunk, |mut row, (at, event)| {
             row.push_bind(event.topic)
                 .push_bind(event.kind)
                 .push_bind(&event.agent_id)
                 .push_bind(at)
                 .push_bind(event.data.to_string());
         });
-        insert.build().execute(&mut *conn).await?;
+        query.push("; ");
     }
-    Ok(())
+}
+
+/// Ends a write transaction in one round trip to the database: appends `events` (each with the
+/// time it was emitted, a statement per thousand), takes the outbox and commits —
+/// `INSERT INTO event …; DELETE FROM outbox RETURNING …; COMMIT`. Returns everything the
+/// transaction logged (also events written by triggers), to be read once committed. An error
+/// leaves the transaction open for its owner to roll back (the outbox with it).
+///
+/// This leans on sqlx's SQLite driver running every statement of a query string, binds and all
+/// (sqlx deprecates that for its database-neutral API: sqlx issue 3108): should a later
+/// sqlx stop, every write fails at once in the tests, and this becomes three round trips again.
+pub async fn append_and_commit(
+    conn: &mut SqliteConnection,
+    events: &[(i64, NewEvent)],
+) -> Result<Committed> {
+    let mut query = sqlx::QueryBuilder::new("");
+    push_append(&mut query, events);
+    query.push("DELETE FROM outbox RETURNING seq, topic, type, agent_id, at, data; COMMIT");
+    Ok(Committed(query.build().fetch_all(conn).await?))
+}
+
+/// The outbox of a committed transaction.
+pub struct Committed(Vec<sqlx::sqlite::SqliteRow>);
+
+impl Committed {
+    /// What the transaction logged, oldest first.
+    pub fn events(&self) -> Result<Vec<Event>> {
+        logged(&self.0)
+    }
+}
+
+/// The events of outbox rows, in `seq` order (RETURNING promises no order).
+fn logged(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<Event>> {
+    let mut events = rows
+        .iter()
+        .map(event_from_row)
+        .collect::<Result<Vec<_>>>()?;
+    events.sort_unstable_by_key(|e| e.seq);
+    Ok(events)
 }
 
 /// Creates the write connection's outbox: a TEMP table (private to that connection, rolled back
@@ -64,13 +111,7 @@ pub async fn drain_outbox(conn: &mut SqliteConnection) -> Result<Vec<Event>> {
     let rows = sqlx::query("DELETE FROM outbox RETURNING seq, topic, type, agent_id, at, data")
         .fetch_all(conn)
         .await?;
-    let mut events = rows
-        .iter()
-        .map(event_from_row)
-        .collect::<Result<Vec<_>>>()?;
-    // RETURNING promises no order.
-    events.sort_unstable_by_key(|e| e.seq);
-    Ok(events)
+    logged(&rows)
 }
 
 /// Up to `limit` notifications for `agent_id` after `since`, oldest first.

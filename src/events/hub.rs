@@ -3,7 +3,9 @@
 //! Each connection registers a bounded channel. Dispatch never waits: a connection whose buffer
 //! is full is dropped from the hub and flagged, and its socket task closes it with 4008 (slow
 //! consumer). A `std::sync::Mutex` is right here: it is held only to walk the subscriber lists,
-//! never across an `.await`.
+//! never across an `.await`. Dispatch only hands out a shared [`Dispatched`] event: the frames
+//! are rendered outside the lock by the first connection that sends each kind, so dispatching
+//! costs the committer that publishes (it holds the write connection) next to nothing.
 //!
 //! Events may arrive out of `seq` order: with several instances each publishes its own commits.
 //! A connection only ever moves forward, so the hub watches the sequence: a gap (an older event
@@ -13,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::mpsc;
 
@@ -22,10 +24,40 @@ use super::Event;
 /// What a connection receives.
 #[derive(Debug, Clone)]
 pub enum Delivery {
-    /// A rendered frame and the event's `seq`.
-    Frame { seq: i64, text: Arc<str> },
+    /// An event, shared by every connection it is dispatched to.
+    Frame(Arc<Dispatched>),
     /// The broker subscription was interrupted: events may have been missed, re-read the log.
     Resync,
+}
+
+/// An event as the hub hands it out, with its two frames, each rendered once (by the first
+/// connection that sends it) and shared by the others.
+#[derive(Debug)]
+pub struct Dispatched {
+    pub event: Event,
+    agent_frame: OnceLock<String>,
+    firehose_frame: OnceLock<String>,
+}
+
+impl Dispatched {
+    pub fn new(event: Event) -> Arc<Dispatched> {
+        Arc::new(Dispatched {
+            event,
+            agent_frame: OnceLock::new(),
+            firehose_frame: OnceLock::new(),
+        })
+    }
+
+    /// The frame of an agent's stream ([`Event::agent_frame`]).
+    pub fn agent_frame(&self) -> &str {
+        self.agent_frame.get_or_init(|| self.event.agent_frame())
+    }
+
+    /// The frame of the firehose ([`Event::firehose_frame`]).
+    pub fn firehose_frame(&self) -> &str {
+        self.firehose_frame
+            .get_or_init(|| self.event.firehose_frame())
+    }
 }
 
 /// What a connection listens to.
@@ -164,7 +196,8 @@ impl Hub {
     }
 
     /// Delivers one event to every interested connection, dropping the ones that cannot keep up.
-    pub fn dispatch(&self, event: &Event) {
+    pub fn dispatch(&self, dispatched: &Arc<Dispatched>) {
+        let event = &dispatched.event;
         let mut subs = self.subscribers.lock().expect("hub lock");
         if let Some(last) = subs.last_seq {
             if event.seq <= last {
@@ -181,37 +214,14 @@ impl Hub {
         if let Some(agent) = &event.agent_id
             && let Some(list) = subs.agents.get_mut(agent)
         {
-            let text: Arc<str> = event.agent_frame().into();
-            list.retain(|s| {
-                offer(
-                    s,
-                    Delivery::Frame {
-                        seq: event.seq,
-                        text: text.clone(),
-                    },
-                )
-            });
+            list.retain(|s| offer(s, Delivery::Frame(dispatched.clone())));
             if list.is_empty() {
                 subs.agents.remove(agent);
             }
         }
-        if subs
-            .firehose
-            .iter()
-            .any(|(topics, _)| topics.contains(&event.topic))
-        {
-            let text: Arc<str> = event.firehose_frame().into();
-            subs.firehose.retain(|(topics, s)| {
-                !topics.contains(&event.topic)
-                    || offer(
-                        s,
-                        Delivery::Frame {
-                            seq: event.seq,
-                            text: text.clone(),
-                        },
-                    )
-            });
-        }
+        subs.firehose.retain(|(topics, s)| {
+            !topics.contains(&event.topic) || offer(s, Delivery::Frame(dispatched.clone()))
+        });
     }
 
     /// Tells every connection to re-read the log (after the broker subscription was interrupted).

@@ -1,8 +1,9 @@
 //! The one event path. Every state change appends an [`Event`] to the store's event log in the
 //! same transaction as the change (`store::Writer::emit`, or a trigger for a new message), is
-//! published through the broker after commit (the store's outbox, in `seq` order), comes back
-//! through this instance's single broker subscription, and is fanned out by the [`hub::Hub`] to
-//! the WebSocket connections on this instance. Streams resume from the log.
+//! published through the broker after commit (the store's outbox, in `seq` order) and fanned out
+//! by the [`hub::Hub`] to the WebSocket connections on this instance: at once for this instance's
+//! own events, through the single broker subscription for other instances'. Streams resume from
+//! the log.
 
 pub mod db;
 pub mod hub;

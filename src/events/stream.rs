@@ -359,9 +359,14 @@ async fn serve(
             tokio::select! {
                 _ = state.shutdown.cancelled() => return Err(End::Close(1012, "server restarting; reconnect with since")),
                 delivery = subscription.rx.recv() => match delivery {
-                    Some(Delivery::Frame { seq, text }) => {
+                    Some(Delivery::Frame(dispatched)) => {
+                        let seq = dispatched.event.seq;
                         if seq > last_seq {
-                            send(&mut socket, text.to_string()).await?;
+                            let frame = match &interest {
+                                Interest::Agent(_) => dispatched.agent_frame(),
+                                Interest::Topics(_) => dispatched.firehose_frame(),
+                            };
+                            send(&mut socket, frame.to_owned()).await?;
                             last_seq = seq;
                             sent_since_ping = true;
                         }

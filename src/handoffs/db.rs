@@ -149,6 +149,29 @@ pub async fn transition(
     Ok(outcome.rows_affected() == 1)
 }
 
+/// Moves an `accepted` handoff to a final `to_status` in one statement (a step handoff whose
+/// receiving step ended); returns it as it is now, None when it was not `accepted`.
+pub async fn settle(
+    conn: &mut SqliteConnection,
+    handoff_id: &str,
+    to_status: &str,
+    now: i64,
+) -> Result<Option<HandoffRow>> {
+    let sql = format!(
+        "UPDATE handoff SET status = ?, completed_at = ?
+         WHERE handoff_id = ? AND status = 'accepted' RETURNING {COLUMNS}"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(to_status)
+        .bind(now)
+        .bind(handoff_id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref()
+        .map(|r| from_row(r).map(|(_, h)| h))
+        .transpose()
+}
+
 /// Whether any initiated handoff's accept timeout has passed (for `Store::any_due`).
 pub const ANY_DUE: &str =
     "SELECT EXISTS (SELECT 1 FROM handoff WHERE status = 'initiated' AND expires_at <= ?)";

@@ -4,8 +4,9 @@
 //! States: `initiated → accepted → completed | failed`; `initiated → rejected | cancelled |
 //! expired`; any other move is 409. Only the addressed agent accepts, completes or rejects; only
 //! the initiator cancels. Initiation, in one transaction: the record, a memory, the graph edge
-//! `agent:{from} —hands_off_to→ agent:{to}`, a `handoff.offered` message in the addressee's queue
-//! and the `handoff.offered` notification on its stream. A chain of handoffs carrying one session
+//! `agent:{from} —hands_off_to→ agent:{to}` (both written by the record's own INSERT, a trigger),
+//! a `handoff.offered` message in the addressee's queue and the `handoff.offered` notification on
+//! its stream. A chain of handoffs carrying one session
 //! or workflow longer than the hop budget is refused (422, naming the loop). An offer not
 //! accepted within `accept_timeout_s` expires ([`expire_tick`]). Both agents must be registered
 //! (422 naming the one that is not). A finished handoff is purged after `LTMC_RETENTION_DAYS`,
@@ -29,7 +30,7 @@ use crate::common::{
 };
 use crate::error::{Error, Result};
 use crate::events::NewEvent;
-use crate::memory::{self, NewEdge, NewMemory};
+use crate::memory;
 use crate::messages;
 use crate::store::{Lane, Writer};
 use db::HandoffRow;
@@ -285,15 +286,6 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
             ));
         }
     }
-    let memory_ref = remember(
-        &mut tx,
-        &handoff_id,
-        &new.from_agent,
-        &new.to_agent,
-        new.reason.as_deref(),
-        &context_digest,
-    )
-    .await?;
     let handoff = HandoffRow {
         handoff_id,
         from_agent: new.from_agent,
@@ -304,7 +296,7 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
         reason: new.reason,
         session_id: new.session_id,
         workflow_id: new.workflow_id,
-        memory_ref,
+        memory_ref: new_id("mem"),
         result: None,
         created_at: now,
         expires_at: now + i64::from(new.accept_timeout_s) * 1000,
@@ -312,54 +304,31 @@ pub async fn initiate(state: &AppState, who: &Principal, new: NewHandoff) -> Res
         completed_at: None,
     };
     db::insert(tx.conn(), &handoff).await?;
+    recorded(&mut tx, &handoff);
     offer(&mut tx, &handoff, now).await?;
     tx.emit(event("handoff.offered", &handoff, &handoff.to_agent));
     tx.commit(&state.broker).await?;
     Ok(handoff.into())
 }
 
-/// Writes what every handoff leaves behind: a memory of it (its id is the handoff's
-/// `memory_ref`) and the graph edge `agent:{from} —hands_off_to→ agent:{to}`.
-async fn remember(
-    tx: &mut Writer,
-    handoff_id: &str,
-    from: &str,
-    to: &str,
-    reason: Option<&str>,
-    context_digest: &str,
-) -> Result<String> {
-    let memory = memory::store_memory(
-        tx,
-        NewMemory {
-            content: format!("Agent handoff: {from} → {to}"),
-            tags: vec![
-                "handoff".into(),
-                "coordination".into(),
-                from.to_owned(),
-                to.to_owned(),
-            ],
-            metadata: Map::from_iter([
-                ("handoff_id".to_owned(), json!(handoff_id)),
-                ("reason".to_owned(), json!(reason)),
-                ("context_digest".to_owned(), json!(context_digest)),
-            ]),
-        },
-    )
-    .await?;
-    memory::link(
-        tx,
-        NewEdge {
-            source: format!("agent:{from}"),
-            target: format!("agent:{to}"),
-            relationship: "hands_off_to".into(),
-            properties: Map::from_iter([
-                ("handoff_id".to_owned(), json!(handoff_id)),
-                ("memory_ref".to_owned(), json!(memory.memory_id)),
-            ]),
-        },
-    )
-    .await?;
-    Ok(memory.memory_id)
+/// Emits the events of what every handoff leaves behind, which its INSERT wrote (the trigger
+/// `handoff_records`): a memory of it (its id is the handoff's `memory_ref`) and the graph edge
+/// `agent:{from} —hands_off_to→ agent:{to}` (its id is the memory's with the prefix `edg_`).
+fn recorded(tx: &mut Writer, h: &HandoffRow) {
+    let tags = [
+        "handoff".to_owned(),
+        "coordination".to_owned(),
+        h.from_agent.clone(),
+        h.to_agent.clone(),
+    ];
+    tx.emit(memory::stored(&h.memory_ref, &tags));
+    let edge_id = format!("edg_{}", h.memory_ref.trim_start_matches("mem_"));
+    tx.emit(memory::linked(
+        &edge_id,
+        &format!("agent:{}", h.from_agent),
+        &format!("agent:{}", h.to_agent),
+        "hands_off_to",
+    ));
 }
 
 /// Records the handoff between two consecutive steps of a sequential workflow, inside the
@@ -376,20 +345,17 @@ pub async fn record_step_handoff(
     reason: &str,
     now: i64,
 ) -> Result<String> {
-    let handoff_id = new_id("hof");
-    let context_digest = digest(&context);
-    let memory_ref = remember(tx, &handoff_id, from, to, Some(reason), &context_digest).await?;
     let handoff = HandoffRow {
-        handoff_id,
+        handoff_id: new_id("hof"),
         from_agent: from.to_owned(),
         to_agent: to.to_owned(),
         status: "accepted".into(),
+        context_digest: digest(&context),
         context,
-        context_digest,
         reason: Some(reason.to_owned()),
         session_id: None,
         workflow_id: Some(workflow_id.to_owned()),
-        memory_ref,
+        memory_ref: new_id("mem"),
         result: None,
         created_at: now,
         expires_at: now,
@@ -397,6 +363,7 @@ pub async fn record_step_handoff(
         completed_at: None,
     };
     db::insert(tx.conn(), &handoff).await?;
+    recorded(tx, &handoff);
     tx.emit(event("handoff.accepted", &handoff, to));
     Ok(handoff.handoff_id)
 }
@@ -404,19 +371,15 @@ pub async fn record_step_handoff(
 /// Settles a step handoff when its receiving step ends: `completed` or `failed`. A handoff that
 /// already left `accepted` is left as it is.
 pub async fn settle_step_handoff(tx: &mut Writer, handoff_id: &str, success: bool) -> Result<()> {
-    let Some(h) = db::get(tx.conn(), handoff_id).await? else {
-        return Ok(());
-    };
     let (to, kind) = if success {
         ("completed", "handoff.completed")
     } else {
         ("failed", "handoff.failed")
     };
-    let from = h.from_agent.clone();
-    match move_to(tx, h, "accepted", to, kind, &from, None).await {
-        Ok(_) | Err(Error::Conflict(_)) => Ok(()),
-        Err(e) => Err(e),
+    if let Some(h) = db::settle(tx.conn(), handoff_id, to, now_ms()).await? {
+        tx.emit(event(kind, &h, &h.from_agent));
     }
+    Ok(())
 }
 
 /// Queues the `handoff.offered` message for the addressee (429 when its queue is full).

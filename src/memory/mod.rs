@@ -3,7 +3,8 @@
 //! agent:coder`), patterns pair a situation with what was done and, when known, whether it worked
 //! (`GET /v1/patterns/stats`). The service writes them itself as it works, through
 //! [`store_memory`], [`link`] and [`record_pattern`] inside the transaction of the change they
-//! describe; each write is an event on the `memory` topic. All three are purged after
+//! describe (a handoff's memory and edge are written by the handoff's own INSERT, a trigger,
+//! with the events of [`stored`] and [`linked`]); each write is an event on the `memory` topic. All three are purged after
 //! `LTMC_MEMORY_RETENTION_DAYS` (0 keeps them for good; [`crate::retention`]).
 
 pub mod db;
@@ -217,12 +218,27 @@ pub async fn store_memory(tx: &mut Writer, new: NewMemory) -> Result<Memory> {
         updated_at: now,
     };
     db::insert_memory(tx.conn(), &memory).await?;
-    tx.emit(NewEvent::new(
+    tx.emit(stored(&memory.memory_id, &memory.tags));
+    Ok(memory.into())
+}
+
+/// The event of a memory stored: `memory.stored`.
+pub fn stored(memory_id: &str, tags: &[String]) -> NewEvent {
+    NewEvent::new(
         "memory",
         "memory.stored",
-        json!({"memory_id": memory.memory_id, "tags": memory.tags}),
-    ));
-    Ok(memory.into())
+        json!({"memory_id": memory_id, "tags": tags}),
+    )
+}
+
+/// The event of a graph edge added: `graph.linked`.
+pub fn linked(edge_id: &str, source: &str, target: &str, relationship: &str) -> NewEvent {
+    NewEvent::new(
+        "memory",
+        "graph.linked",
+        json!({"edge_id": edge_id, "source": source, "target": target,
+               "relationship": relationship}),
+    )
 }
 
 /// Applies a patch to a memory.
@@ -290,11 +306,11 @@ pub async fn link_many(tx: &mut Writer, new: Vec<NewEdge>) -> Result<Vec<Edge>> 
     }
     db::insert_edges(tx.conn(), &edges).await?;
     for edge in &edges {
-        tx.emit(NewEvent::new(
-            "memory",
-            "graph.linked",
-            json!({"edge_id": edge.edge_id, "source": edge.source, "target": edge.target,
-                   "relationship": edge.relationship}),
+        tx.emit(linked(
+            &edge.edge_id,
+            &edge.source,
+            &edge.target,
+            &edge.relationship,
         ));
     }
     Ok(edges.into_iter().map(Edge::from).collect())

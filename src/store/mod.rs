@@ -9,10 +9,11 @@
 //! `messages::batch`). SQLite has a single writer anyway. Users wait for it in one of two
 //! [`Lane`]s: work that finishes accepted work goes first (see [`lanes`]). A `Writer` appends the events it
 //! emitted in one statement when it commits. Every event this connection logs is
-//! also captured in a per-connection outbox (a TEMP trigger), and after each commit, still holding
-//! the connection, the outbox is drained to the broker: events leave in exactly the order of their
-//! `seq`, including those written by triggers, and only this instance's own. Reads use a separate
-//! pool and never wait for writers (WAL).
+//! also captured in a per-connection outbox (a TEMP trigger), and at each commit (in the same
+//! round trip as a `Writer`'s append and `COMMIT`; after an `AutoCommit`'s statements), still
+//! holding the connection, the outbox is drained to the broker: events leave in exactly the order
+//! of their `seq`, including those written by triggers, and only this instance's own. Reads use a
+//! separate pool and never wait for writers (WAL).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
@@ -87,12 +88,16 @@ impl WriteConn {
     /// streams re-read the log when they find a gap.
     async fn publish_logged(&mut self, broker: &Broker) {
         match events::db::drain_outbox(&mut self.conn).await {
-            Ok(logged) => logged.into_iter().for_each(|event| {
-                self.metrics.observe(&event);
-                broker.publish(event);
-            }),
+            Ok(logged) => self.publish(broker, logged),
             Err(e) => tracing::error!(error = %e, "committed events were not published"),
         }
+    }
+
+    fn publish(&self, broker: &Broker, logged: Vec<events::Event>) {
+        logged.into_iter().for_each(|event| {
+            self.metrics.observe(&event);
+            broker.publish(event);
+        });
     }
 }
 
@@ -135,6 +140,9 @@ impl Store {
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
+            // sqlx pings a connection before each checkout by default: for a file on this
+            // machine that only adds a round trip to its worker thread to every read.
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         Ok(Store {
@@ -389,12 +397,14 @@ impl Writer {
     /// write connection, so no later commit can be published before them.
     pub async fn commit(mut self, broker: &Broker) -> Result<()> {
         let pending = std::mem::take(&mut self.pending);
-        if !pending.is_empty() {
-            events::db::append(self.conn(), &pending).await?;
-        }
+        // One round trip: the append, the outbox and the COMMIT (a failure rolls back on drop).
+        let committed = events::db::append_and_commit(self.conn(), &pending).await?;
         let mut guard = self.guard.take().expect("an open writer");
-        guard.commit().await?;
-        guard.publish_logged(broker).await;
+        guard.in_tx = false;
+        match committed.events() {
+            Ok(logged) => guard.publish(broker, logged),
+            Err(e) => tracing::error!(error = %e, "committed events were not published"),
+        }
         Ok(())
     }
 }

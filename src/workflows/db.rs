@@ -206,7 +206,7 @@ pub async fn list_runs(
 ) -> Result<Vec<RunRow>> {
     let sql = format!(
         "SELECT {RUN_COLUMNS} FROM workflow WHERE seq < ? AND (? IS NULL OR status = ?)
-         ORDER BY seq DESC LIMIT ?"
+         ORDER BY seq DESC {BOUND_LIMIT}"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(before)
@@ -384,8 +384,46 @@ pub async fn steps_in(
     Ok(out)
 }
 
-/// `(step_id, output)` of the succeeded steps among `idxs` (None: every earlier step than
-/// `before`), in definition order.
+/// `{step_id: output, …}` of a run's succeeded steps before `idx` (raw outputs, `null` for none),
+/// in definition order, as one JSON object built by SQL: a sequential step's `previous_results`.
+const OUTPUTS_BEFORE: &str = "SELECT '{' || COALESCE(group_concat(
+        json_quote(p.step_id) || ':' || COALESCE(p.output, 'null'), ',' ORDER BY p.idx), '') || '}'
+    FROM workflow_step p WHERE p.workflow_id = ?1 AND p.idx < ?2 AND p.status = 'succeeded'";
+
+/// A sequential step's `previous_results`: every earlier succeeded step's output.
+pub async fn outputs_before(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idx: i64,
+) -> Result<String> {
+    Ok(sqlx::query_scalar(OUTPUTS_BEFORE)
+        .bind(workflow_id)
+        .bind(idx)
+        .fetch_one(conn)
+        .await?)
+}
+
+/// A step with its sequential `previous_results` (see [`outputs_before`]), in one statement: the
+/// next step of a sequential run, read as its predecessor ends.
+pub async fn step_with_outputs_before(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    idx: i64,
+) -> Result<Option<(StepRow, String)>> {
+    let sql = format!(
+        "SELECT {STEP_COLUMNS}, ({OUTPUTS_BEFORE}) AS previous_results
+         FROM workflow_step WHERE workflow_id = ?1 AND idx = ?2"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workflow_id)
+        .bind(idx)
+        .fetch_optional(conn)
+        .await?;
+    row.map(|row| Ok((step_from_row(&row)?, row.try_get("previous_results")?)))
+        .transpose()
+}
+
+/// `(step_id, output)` of the succeeded steps among `idxs`, in definition order.
 pub async fn outputs(
     conn: &mut SqliteConnection,
     workflow_id: &str,
@@ -859,13 +897,18 @@ pub async fn count_executing(pool: &SqlitePool) -> Result<Vec<(String, i64)>> {
 pub const ANY_DUE: &str = "SELECT EXISTS (SELECT 1 FROM workflow_step
     WHERE status IN ('dispatched', 'pending', 'waiting') AND due_at <= ?)";
 
+/// A LIMIT bound to a parameter, written so the statement stays prepared: SQLite (since 3.49)
+/// reads a bare `LIMIT ?`'s value for its row estimate, so every run with a newly bound value
+/// re-prepares the whole statement (a parse and a plan per run); behind a CAST it does not.
+const BOUND_LIMIT: &str = "LIMIT CAST(? AS INTEGER)";
+
 /// Steps whose `due_at` has come: dispatched attempts past their deadline, retries whose backoff
 /// is over and waiting steps due for another look for an agent.
 pub async fn due(conn: &mut SqliteConnection, now: i64, limit: u32) -> Result<Vec<StepRow>> {
     let sql = format!(
         "SELECT {STEP_COLUMNS} FROM workflow_step
          WHERE status IN ('dispatched', 'pending', 'waiting') AND due_at <= ?
-         ORDER BY due_at LIMIT ?"
+         ORDER BY due_at {BOUND_LIMIT}"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(now)
@@ -880,7 +923,7 @@ pub async fn due(conn: &mut SqliteConnection, now: i64, limit: u32) -> Result<Ve
 pub async fn waiting(conn: &mut SqliteConnection, limit: u32) -> Result<Vec<StepRow>> {
     let sql = format!(
         "SELECT {STEP_COLUMNS} FROM workflow_step WHERE status = 'waiting'
-         ORDER BY workflow_id, idx LIMIT ?"
+         ORDER BY workflow_id, idx {BOUND_LIMIT}"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(limit)

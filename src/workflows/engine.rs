@@ -182,8 +182,7 @@ fn least_loaded(pool: &[Candidate]) -> Option<String> {
 async fn previous_results(tx: &mut Writer, run: &RunRow, step: &StepRow) -> Result<String> {
     let pairs = match pattern(run)? {
         Pattern::Sequential => {
-            let earlier: Vec<i64> = (0..step.idx).collect();
-            db::outputs(tx.conn(), &run.workflow_id, &earlier).await?
+            return db::outputs_before(tx.conn(), &run.workflow_id, step.idx).await;
         }
         Pattern::DependencyBased => {
             let deps = StepRow::indexes(&step.depends_on)?;
@@ -215,6 +214,14 @@ async fn previous_results(tx: &mut Writer, run: &RunRow, step: &StepRow) -> Resu
     Ok(object)
 }
 
+/// What a sequential run's next step was read with as its predecessor ended, so that
+/// [`put_out`] reads neither again: its `previous_results`, and the step that ended (the
+/// handoff's source).
+struct Handover<'a> {
+    previous_results: String,
+    from: &'a StepRow,
+}
+
 /// Puts the next attempt of ready steps of one run (`pending` or `waiting`) out to agents, in
 /// a few statements for all of them; those without a free agent (or whose agent's queue is
 /// full) are left `waiting`. Returns how many went out.
@@ -223,6 +230,18 @@ pub async fn dispatch(
     state: &AppState,
     run: &RunRow,
     steps: Vec<StepRow>,
+    now: i64,
+) -> Result<usize> {
+    put_out(tx, state, run, steps, None, now).await
+}
+
+/// [`dispatch`], given what was read already of the first step's hand-over (sequential).
+async fn put_out(
+    tx: &mut Writer,
+    state: &AppState,
+    run: &RunRow,
+    steps: Vec<StepRow>,
+    mut handover: Option<Handover<'_>>,
     now: i64,
 ) -> Result<usize> {
     if steps.is_empty() {
@@ -258,12 +277,15 @@ pub async fn dispatch(
     }
     // One message per step that has an agent, all in one INSERT.
     let mut messages = Vec::with_capacity(steps.len());
-    for (step, agent) in steps.iter().zip(&chosen) {
+    for (i, (step, agent)) in steps.iter().zip(&chosen).enumerate() {
         if agent.is_none() {
             messages.push((String::new(), String::new()));
             continue;
         }
-        let previous = previous_results(tx, run, step).await?;
+        let previous = match handover.as_mut() {
+            Some(h) if i == 0 => std::mem::take(&mut h.previous_results),
+            _ => previous_results(tx, run, step).await?,
+        };
         let content = format!(
             r#"{{"workflow_id":{},"step_id":{},"attempt":{},"input":{},"previous_results":{previous}}}"#,
             json!(run.workflow_id),
@@ -303,9 +325,10 @@ pub async fn dispatch(
     }
     // Sequential: the previous step's agent hands over to this one, with its output.
     let mut handoffs = Vec::with_capacity(out.len());
+    let ended = handover.map(|h| h.from);
     for (step, agent) in &out {
         handoffs.push(if sequential && step.idx > 0 && step.attempts == 0 {
-            step_handoff(tx, run, step, agent, now).await?
+            step_handoff(tx, run, step, agent, ended, now).await?
         } else {
             None
         });
@@ -345,15 +368,22 @@ pub async fn dispatch(
 }
 
 /// Records the handoff from the previous step's agent to `agent` (none when it is the same
-/// agent, or the previous step had none).
+/// agent, or the previous step had none). The previous step is read unless the caller has it
+/// (`ended`: the step that just ended, as it ended).
 async fn step_handoff(
     tx: &mut Writer,
     run: &RunRow,
     step: &StepRow,
     agent: &str,
+    ended: Option<&StepRow>,
     now: i64,
 ) -> Result<Option<String>> {
-    let Some(previous) = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx - 1).await? else {
+    let ended = ended.filter(|ended| ended.idx == step.idx - 1);
+    let read = match ended {
+        Some(_) => None,
+        None => db::step_by_idx(tx.conn(), &run.workflow_id, step.idx - 1).await?,
+    };
+    let Some(previous) = ended.or(read.as_ref()) else {
         return Ok(None);
     };
     let Some(from) = previous.agent_id.as_deref().filter(|from| *from != agent) else {
@@ -554,8 +584,14 @@ async fn step_final(
     let mut skipped = 0;
     match (pattern(run)?, succeeded) {
         (Pattern::Sequential, true) => {
-            if let Some(next) = db::step_by_idx(tx.conn(), &run.workflow_id, step.idx + 1).await? {
-                dispatch(tx, state, run, vec![next], now).await?;
+            let next =
+                db::step_with_outputs_before(tx.conn(), &run.workflow_id, step.idx + 1).await?;
+            if let Some((next, previous_results)) = next {
+                let handover = Handover {
+                    previous_results,
+                    from: step,
+                };
+                put_out(tx, state, run, vec![next], Some(handover), now).await?;
             }
         }
         (Pattern::Sequential, false) => {
