@@ -9,9 +9,9 @@
 //!
 //! New work is paced by finishing work: in a batch that finishes work, new work may cost no
 //! more than the work the batch finishes (each finishing request weighs what it can finish: a
-//! result one step, an ack one message, an auto-acking claim its `limit`), so while the store is saturated work is
-//! let in only as fast as it leaves, and what is accepted does not pile up in the agents'
-//! queues. A batch of new work alone takes the whole budget. The first new request always fits,
+//! result one step, an ack one message, an auto-acking claim its `limit`), so while the store
+//! is saturated work is let in only as fast as it leaves, and what is accepted does not pile up
+//! in the agents' queues. A batch of new work alone takes the whole budget. The first new request always fits,
 //! so one larger than the budget still goes, alone. Under overload accepted work keeps
 //! finishing at the store's pace, and the new work's queue — bounded by [`crate::admission`]
 //! — is where the wait shows.
@@ -118,11 +118,7 @@ impl<F, N> Intake<F, N> {
     pub fn take(&mut self, budget: Budget) -> Batch<F, N> {
         let mut finishing: Vec<F> = Vec::new();
         while finishing.len() < budget.finishing {
-            let Some(job) = self
-                .held_finishing
-                .pop_front()
-                .or_else(|| self.finishing.try_recv().ok())
-            else {
+            let Some(job) = next(&mut self.held_finishing, &mut self.finishing) else {
                 break;
             };
             finishing.push(job);
@@ -136,14 +132,7 @@ impl<F, N> Intake<F, N> {
         };
         let mut new = Vec::new();
         let mut spent = 0;
-        loop {
-            let Some(job) = self
-                .held_new
-                .pop_front()
-                .or_else(|| self.new.try_recv().ok())
-            else {
-                break;
-            };
+        while let Some(job) = next(&mut self.held_new, &mut self.new) {
             let cost = (self.cost)(&job);
             if !new.is_empty() && spent + cost > budget_new {
                 // Next batch's first.
@@ -164,6 +153,11 @@ impl<F, N> Intake<F, N> {
         self.finishing.close();
         self.new.close();
     }
+}
+
+/// The next request of one queue: one held back first, else one waiting in the channel.
+fn next<T>(held: &mut VecDeque<T>, queue: &mut mpsc::Receiver<T>) -> Option<T> {
+    held.pop_front().or_else(|| queue.try_recv().ok())
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 //! All writes go through one owned connection, held by one user at a time: a [`Writer`] (an
 //! explicit transaction) or an [`AutoCommit`] (single statements, e.g. the batches of
 //! `messages::batch`). SQLite has a single writer anyway. Users wait for it in one of two
-//! [`Lane`]s: work that finishes accepted work goes first (see [`lanes`]). A `Writer` appends the events it
-//! emitted in one statement when it commits. Every event this connection logs is
+//! [`Lane`]s: work that finishes accepted work goes first (see [`lanes`]). A `Writer` appends
+//! the events it emitted in one statement when it commits. Every event this connection logs is
 //! also captured in a per-connection outbox (a TEMP trigger), and at each commit (in the same
 //! round trip as a `Writer`'s append and `COMMIT`; after an `AutoCommit`'s statements), still
 //! holding the connection, the outbox is drained to the broker: events leave in exactly the order
